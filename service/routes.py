@@ -1,0 +1,186 @@
+"""HTTP routes: validate, hand the work to `service.sampling`, encode. Nothing heavier here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from service import sampling
+from service.encoding import NPY, json_response, npy_response, wants_npy
+from service.errors import ApiError
+from service.registry import Registry
+from service.schemas import (
+    EncodeRequest,
+    EncodeResponse,
+    ErrorResponse,
+    HealthResponse,
+    LogProbRequest,
+    LogProbResponse,
+    ModelsResponse,
+    SampleRequest,
+    SampleResponse,
+    TrajectoryRequest,
+    TrajectoryResponse,
+)
+from service.settings import Settings
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+AcceptHeader = Annotated[str | None, Header(description=f"`{NPY}` for a .npy answer.")]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        401: "Missing or wrong bearer key (when FLOW_API_KEY is set).",
+        404: "Unknown model.",
+        413: "Over a limit: rows, steps, trajectory size, work or body size.",
+        422: "Malformed or invalid body.",
+        500: "The model produced non-finite values.",
+        503: "Queue full or not ready; see Retry-After.",
+        504: "The request's deadline passed.",
+    }.items()
+}
+
+
+def _npy_doc(shape: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "content": {NPY: {"schema": {"type": "string", "format": "binary"}}},
+            "description": shape,
+        }
+    }
+
+
+router = APIRouter()
+
+
+def _note(request: Request, served: sampling.Served | None, **fields: Any) -> None:
+    """Fields for the request's log line."""
+    request.state.log_fields = {"model": served.model.name if served else None, **fields}
+
+
+async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
+    if wants_npy(accept) and answer.array is not None:
+        return await run_in_threadpool(npy_response, answer.array, answer.headers)
+    return await run_in_threadpool(json_response, answer.body, answer.headers)
+
+
+@router.post(
+    "/sample",
+    response_model=SampleResponse,
+    responses={**ERRORS, **_npy_doc("float32 (num_samples, dim)")},
+    summary="Draw samples: integrate start points from t = 0 to t = 1.",
+)
+async def sample(
+    req: SampleRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    served = registry.get(req.model)
+    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
+    return await _encode(await sampling.sample(served, req, settings, request), accept)
+
+
+@router.post(
+    "/trajectory",
+    response_model=TrajectoryResponse,
+    responses={**ERRORS, **_npy_doc("float32 (len(times), num_samples, dim)")},
+    summary="Sample and keep every stride-th state of the paths.",
+)
+async def trajectory(
+    req: TrajectoryRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    served = registry.get(req.model)
+    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
+    return await _encode(await sampling.sample(served, req, settings, request), accept)
+
+
+@router.post(
+    "/encode",
+    response_model=EncodeResponse,
+    responses={**ERRORS, **_npy_doc("float32 (n, dim): the latents")},
+    summary="Map data points back to the source: integrate from t = 1 to t = 0.",
+)
+async def encode(
+    req: EncodeRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    served = registry.get(req.model)
+    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
+    return await _encode(await sampling.encode(served, req, settings, request), accept)
+
+
+@router.post(
+    "/log_prob",
+    response_model=LogProbResponse,
+    responses=ERRORS,
+    summary="Log-density of data points under the model (continuous change of variables).",
+)
+async def log_prob(
+    req: LogProbRequest, request: Request, registry: RegistryDep, settings: SettingsDep
+) -> Response:
+    served = registry.get(req.model)
+    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
+    return await _encode(await sampling.log_prob(served, req, settings, request), None)
+
+
+@router.get("/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
+async def list_models(registry: RegistryDep) -> Response:
+    manifests = [registry.served[name].model.manifest for name in sorted(registry.served)]
+    return json_response({"models": manifests})
+
+
+@router.get(
+    "/models/{name}",
+    response_model=dict[str, Any],
+    responses={401: ERRORS[401], 404: ERRORS[404], 503: ERRORS[503]},
+)
+async def get_model(name: str, registry: RegistryDep) -> Response:
+    if not registry.ready:
+        registry.get(name)  # answers 503 while loading
+    served = registry.served.get(name)
+    if served is None:
+        raise ApiError(404, f"model: unknown model {name!r}")
+    return json_response(served.model.manifest)
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", response_model=HealthResponse, responses={503: ERRORS[503]})
+async def readyz(registry: RegistryDep) -> Response:
+    if not registry.ready:
+        raise ApiError(503, "not ready: models are loading", {"Retry-After": "1"})
+    return json_response({"status": "ready", "models": sorted(registry.served)})
+
+
+@router.get(
+    "/metrics",
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def metrics(registry: RegistryDep) -> Response:
+    registry.refresh_gauges()
+    return Response(registry.metrics.render(), media_type="text/plain; version=0.0.4")

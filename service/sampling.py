@@ -1,0 +1,309 @@
+"""What each endpoint does between validation and encoding: check the request against the model
+and the limits, build the engine job off the event loop, await it, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from service.engine import (
+    Cancelled,
+    DeadlineExceeded,
+    Divergence,
+    EngineError,
+    EngineStopped,
+    Job,
+    JobResult,
+    QueueFull,
+)
+from service.errors import ApiError, too_large
+from service.registry import Served
+from service.schemas import EncodeRequest, LogProbRequest, SampleRequest, TrajectoryRequest
+from service.settings import Settings
+from service.solvers import get_solver, kept_steps
+
+
+@dataclass
+class Answer:
+    """body: the JSON answer (numpy arrays allowed); array: what a .npy answer carries."""
+
+    body: dict[str, Any]
+    array: np.ndarray | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _check_common(
+    served: Served, rows: int, num_steps: int, solver: str, settings: Settings, field_name: str
+) -> int:
+    """Limits every request shares; returns the network evaluations per row (nfe)."""
+    if rows > settings.max_samples:
+        raise too_large(field_name, rows, settings.max_samples, "FLOW_MAX_SAMPLES")
+    if num_steps > settings.max_steps:
+        raise too_large("num_steps", num_steps, settings.max_steps, "FLOW_MAX_STEPS")
+    nfe = num_steps * get_solver(solver).stages
+    if rows * nfe > settings.max_row_steps:
+        raise too_large(
+            f"{field_name} x nfe", rows * nfe, settings.max_row_steps, "FLOW_MAX_ROW_STEPS"
+        )
+    return nfe
+
+
+def _points(points: list[list[float]], served: Served, field_name: str) -> torch.Tensor:
+    """(n, dim) float32 tensor on the model's device; 422 for the wrong dimension."""
+    width = len(points[0])
+    if width != served.model.dim:
+        raise ApiError(
+            422,
+            f"{field_name}: points have {width} coordinates; model {served.model.name} has "
+            f"dim {served.model.dim}",
+        )
+    with np.errstate(over="ignore"):
+        array = np.asarray(points, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ApiError(422, f"{field_name}: values must fit in float32 (|value| < 3.4e38)")
+    return torch.from_numpy(array).to(served.model.device)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _timeout(requested: float | None, settings: Settings) -> float:
+    return min(requested or settings.request_timeout_s, settings.request_timeout_s)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read: the next message the server sends is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def execute(
+    served: Served, rows: int, build: Callable[[], Job], timeout_s: float, request: Request
+) -> JobResult:
+    """Admit `rows`, build the job in a worker thread, run it; map engine errors to HTTP."""
+    retry = {"Retry-After": str(served.retry_after_s)}
+    try:
+        release = served.engine.reserve(rows)
+    except QueueFull as exc:
+        raise ApiError(503, str(exc), retry) from None
+    except EngineStopped as exc:
+        raise ApiError(503, str(exc), retry) from None
+    try:
+        job = await run_in_threadpool(build)
+        job.deadline = time.monotonic() + timeout_s
+        run = asyncio.ensure_future(served.engine.run(job))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not run.done():
+            job.cancel("disconnect")
+            run.cancel()
+            raise ApiError(499, "client closed the connection")
+        return run.result()
+    except DeadlineExceeded:
+        raise ApiError(
+            504, f"timeout_s: no answer within {timeout_s:g} s; the work was stopped"
+        ) from None
+    except (Cancelled, EngineStopped) as exc:
+        raise ApiError(503, str(exc), retry) from None
+    except EngineError as exc:
+        raise ApiError(500, str(exc)) from None
+    finally:
+        release()
+
+
+def _check_finite(served: Served, *arrays: torch.Tensor) -> None:
+    for array in arrays:
+        if not torch.isfinite(array).all():
+            served.metrics.nonfinite.labels(served.model.name).inc()
+            raise ApiError(
+                500,
+                f"model {served.model.name} produced non-finite values (NaN or infinity) for this "
+                "request; no data was returned",
+            )
+
+
+def _headers(served: Served, **values: Any) -> dict[str, str]:
+    headers = {"X-Flow-Model": served.model.name}
+    for key, value in values.items():
+        if value is not None:
+            headers["X-Flow-" + key.replace("_", "-").title()] = str(value)
+    return headers
+
+
+async def sample(
+    served: Served, req: SampleRequest | TrajectoryRequest, settings: Settings, request: Request
+) -> Answer:
+    """POST /sample and, with a TrajectoryRequest, POST /trajectory."""
+    field_name = "x0" if req.x0 is not None else "num_samples"
+    rows = req.rows
+    nfe = _check_common(served, rows, req.num_steps, req.solver, settings, field_name)
+    stride = getattr(req, "stride", None)
+    dim = served.model.dim
+    keep = kept_steps(req.num_steps, stride) if stride is not None else None
+    if keep is not None and len(keep) * rows * dim > settings.max_trajectory_values:
+        raise too_large(
+            "trajectory size (kept states x num_samples x dim)",
+            len(keep) * rows * dim,
+            settings.max_trajectory_values,
+            "FLOW_MAX_TRAJECTORY_VALUES",
+        )
+    seed = (
+        None
+        if req.x0 is not None
+        else (req.seed if req.seed is not None else secrets.randbelow(2**63))
+    )
+    device = served.model.device
+
+    def build() -> Job:
+        if req.x0 is not None:
+            z0 = _points(req.x0, served, "x0")
+        else:
+            z0 = served.model.source.sample(rows, _generator(seed, device), device)
+        return Job(z0=z0, solver=req.solver, num_steps=req.num_steps, keep=keep)
+
+    result = await execute(served, rows, build, _timeout(req.timeout_s, settings), request)
+    states = result.trajectory if keep is not None else result.final
+    _check_finite(served, states)
+    served.metrics.samples.labels(served.model.name).inc(rows)
+    body: dict[str, Any] = {
+        "model": served.model.name,
+        "num_samples": rows,
+        "num_steps": req.num_steps,
+        "dim": dim,
+        "solver": req.solver,
+        "nfe": nfe,
+        "seed": seed,
+    }
+    array = states.numpy()
+    if keep is None:
+        body["samples"] = array
+    else:
+        body["stride"] = stride
+        body["times"] = [k / req.num_steps for k in keep]
+        body["trajectory"] = array
+    headers = _headers(
+        served, seed=seed, num_steps=req.num_steps, stride=stride, solver=req.solver, nfe=nfe
+    )
+    return Answer(body, array, headers)
+
+
+async def encode(
+    served: Served, req: EncodeRequest, settings: Settings, request: Request
+) -> Answer:
+    """POST /encode: integrate x from t = 1 back to t = 0."""
+    nfe = _check_common(served, req.rows, req.num_steps, req.solver, settings, "x")
+
+    def build() -> Job:
+        x = _points(req.x, served, "x")
+        return Job(z0=x, solver=req.solver, num_steps=req.num_steps, t0=1.0, t1=0.0)
+
+    result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
+    _check_finite(served, result.final)
+    served.metrics.samples.labels(served.model.name).inc(req.rows)
+    latents = result.final.numpy()
+    body = {
+        "model": served.model.name,
+        "num_samples": req.rows,
+        "num_steps": req.num_steps,
+        "dim": served.model.dim,
+        "solver": req.solver,
+        "nfe": nfe,
+        "latents": latents,
+    }
+    headers = _headers(served, num_steps=req.num_steps, solver=req.solver, nfe=nfe)
+    return Answer(body, latents, headers)
+
+
+async def log_prob(
+    served: Served, req: LogProbRequest, settings: Settings, request: Request
+) -> Answer:
+    """POST /log_prob: the augmented ODE (x, integral of div v) from t = 1 back to t = 0.
+
+    log p1(x) = log p0(x0) - integral_0^1 div v(t, x_t) dt, x0 the latent of x.
+    """
+    dim = served.model.dim
+    nfe = _check_common(served, req.rows, req.num_steps, req.solver, settings, "x")
+    method = req.divergence or (
+        "exact" if dim <= settings.max_exact_divergence_dim else "hutchinson"
+    )
+    probes = (req.num_probes or 1) if method == "hutchinson" else None
+    if probes is not None and probes > settings.max_probes:
+        raise too_large("num_probes", probes, settings.max_probes, "FLOW_MAX_PROBES")
+    passes = dim if method == "exact" else probes
+    work = req.rows * nfe * passes
+    if work > settings.max_divergence_row_steps:
+        raise too_large(
+            "x rows x nfe x divergence passes",
+            work,
+            settings.max_divergence_row_steps,
+            "FLOW_MAX_DIVERGENCE_ROW_STEPS",
+        )
+    seed = None
+    if method == "hutchinson":
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
+    columns = 1 if method == "exact" else probes
+    device = served.model.device
+
+    def build() -> Job:
+        x = _points(req.x, served, "x")
+        z0 = torch.cat([x, torch.zeros(req.rows, columns, device=device)], dim=1)
+        eps = None
+        if method == "hutchinson":
+            bits = torch.randint(
+                0, 2, (req.rows, probes, dim), generator=_generator(seed, device), device=device
+            )
+            eps = bits.to(torch.float32) * 2 - 1
+        return Job(
+            z0=z0,
+            solver=req.solver,
+            num_steps=req.num_steps,
+            t0=1.0,
+            t1=0.0,
+            divergence=Divergence(method, columns),
+            probes=eps,
+        )
+
+    result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
+    _check_finite(served, result.final)
+    latents = result.final[:, :dim]
+    # Integrating d(I)/dt = div v backward from I(1) = 0 leaves I(0) = -integral_0^1 div v dt.
+    per_probe = -result.final[:, dim:].to(torch.float64)
+    integral = per_probe.mean(dim=1)
+    stderr = None
+    if per_probe.shape[1] > 1:
+        stderr = (per_probe.std(dim=1) / math.sqrt(per_probe.shape[1])).numpy()
+    log_p0 = served.model.source.log_prob(latents.to(torch.float64))
+    served.metrics.samples.labels(served.model.name).inc(req.rows)
+    body = {
+        "model": served.model.name,
+        "num_samples": req.rows,
+        "num_steps": req.num_steps,
+        "dim": dim,
+        "solver": req.solver,
+        "nfe": nfe,
+        "divergence": method,
+        "num_probes": probes,
+        "seed": seed,
+        "log_prob": (log_p0 - integral).numpy(),
+        "log_p0": log_p0.numpy(),
+        "divergence_integral": integral.numpy(),
+        "divergence_stderr": stderr,
+        "latents": latents.numpy(),
+    }
+    return Answer(body)

@@ -1,0 +1,60 @@
+"""`python -m service`: parse flags over `FLOW_*` settings and run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.errors import describe_validation
+from service.registry import resolve_device
+from service.settings import Settings
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m service", description="Serve flow-matching models over HTTP.")
+    parser.add_argument("--models-dir", help="folder of model folders (FLOW_MODELS_DIR)")
+    parser.add_argument("--host", help="address to bind (FLOW_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (FLOW_PORT, default 8000)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="FLOW_DEVICE")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+        resolve_device(settings.device)
+    except ValidationError as exc:
+        print(f"flowserve: error: {describe_validation(exc.errors())}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"flowserve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # flowserve.access logs one structured line per request instead
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
