@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 90.0
@@ -141,3 +143,82 @@ def server_url(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     env = {"FLOW_DEVICE": "cpu", "FLOW_LOG_LEVEL": "warning"}
     with running_server(service_command(tiny_models_dir, port), port, log, env=env) as url:
         yield url
+
+
+class PostFlow(torch.nn.Module):
+    """The reference post's network: an ELU MLP on concat([x, t])."""
+
+    def __init__(self, dim: int = 2, hidden: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        sizes = [dim + 1] + [hidden] * layers
+        blocks: list[torch.nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            blocks += [torch.nn.Linear(fan_in, fan_out), torch.nn.ELU()]
+        blocks.append(torch.nn.Linear(hidden, dim))
+        self.net = torch.nn.Sequential(*blocks)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, t], dim=-1))
+
+
+def write_module_dir(
+    root: Path, name: str, module: torch.nn.Module, source: dict, dim: int
+) -> Path:
+    """Scripts `module` into root/name/model.pt with a contract manifest for `source`."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module), str(folder / "model.pt"))
+    manifest = {
+        "format": 1,
+        "name": name,
+        "dim": dim,
+        "source": source,
+        "sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def write_post_model(root: Path, name: str = "post", *, dim: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised post-style network with source N(0, 0.5 I)."""
+    torch.manual_seed(seed)
+    source = {
+        "means": [[0.0] * dim],
+        "covs": [(0.5 * torch.eye(dim)).tolist()],
+        "weights": [1.0],
+    }
+    return write_module_dir(root, name, PostFlow(dim).eval(), source, dim)
+
+
+@pytest.fixture(scope="session")
+def post_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models dir with `post` (the reference post's architecture, random weights, dim 2)."""
+    root = tmp_path_factory.mktemp("post-models")
+    write_post_model(root, "post")
+    return root
+
+
+@contextlib.contextmanager
+def serving(models_dir: Path, **settings: object) -> Iterator[TestClient]:
+    """An in-process app (lifespan running) over `models_dir`, ready when the block starts."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(models_dir=models_dir, device="cpu", **settings))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while client.get("/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                pytest.fail("in-process app not ready")
+            time.sleep(0.02)
+        yield client
+
+
+def euler_reference(module, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """An Euler loop written independently of the service: x += (1/K) v(k/K, x)."""
+    x = x0.clone()
+    with torch.no_grad():
+        for k in range(num_steps):
+            t = torch.full((x.shape[0], 1), k / num_steps)
+            x = x + (1.0 / num_steps) * module(t, x)
+    return x
