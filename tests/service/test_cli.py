@@ -172,7 +172,9 @@ def test_sample_from_x0_file_and_trajectory_plot(
 def test_server_errors_exit_1_with_the_detail(
     server_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "sample", "--url", server_url, "--model", "no-such-model")
+    code, _, err = run(
+        capsys, "sample", "--url", server_url, "--model", "no-such-model", "--num-samples", "2"
+    )
     assert code == 1
     assert_one_line_error(err, "404", "no-such-model")
 
