@@ -140,7 +140,7 @@ def plot_paths(path: str, times: np.ndarray, states: np.ndarray, title: str) -> 
         ax.set_xlabel("t")
         ax.set_ylabel("x0")
     else:
-        ax.plot(shown[:, :, 0], shown[:, :, 1], lw=0.5, alpha=0.4, color="tab:blue")
+        ax.plot(shown[:, :, 0], shown[:, :, 1], lw=0.7, alpha=0.6, color="tab:blue")
         ax.scatter(shown[0, :, 0], shown[0, :, 1], s=4, color="grey", label="t = 0")
         ax.scatter(shown[-1, :, 0], shown[-1, :, 1], s=4, color="tab:red", label="t = 1")
         ax.set_xlabel("x0")

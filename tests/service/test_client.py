@@ -471,7 +471,7 @@ def busy_once_url() -> Iterator[tuple[str, list[float]]]:
     calls: list[float] = []
     handler = type("Handler", (_BusyOnceHandler,), {"calls": calls})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", calls
