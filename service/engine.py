@@ -262,6 +262,7 @@ class Engine:
         max_batch_rows: int,
         block_rows: int,
         max_queue_rows: int,
+        chunk_rows: int | None = None,
         on_pass: Callable[[int], None] | None = None,
         on_drop: Callable[[str, int], None] | None = None,
     ):
@@ -273,6 +274,7 @@ class Engine:
         self.max_batch_rows = max_batch_rows
         self.block_rows = block_rows
         self.max_queue_rows = max_queue_rows
+        self.chunk_rows = chunk_rows or max_batch_rows
         self.stats = EngineStats()
         self._on_pass = on_pass
         self._on_drop = on_drop
@@ -465,16 +467,32 @@ class Engine:
                 self._finish(job)
 
     def _advance_lane(self, lane: _Lane, units: list[_Unit]) -> int:
-        if len(units) == len(lane.units):
-            lane.advance(lane.state[: lane.rows], self._slope_fn(lane))
-            return lane.rows
+        """One stage for `units`' rows: in place when they are one run of rows of the lane
+        (always so when all of it is selected), else gathered and written back."""
+        slope_fn = self._slope_fn(lane)
+        units = sorted(units, key=lambda u: u.offset)
+        start = units[0].offset
+        end = start
+        for unit in units:
+            if unit.offset != end:
+                break
+            end += unit.rows
+        else:
+            self._advance_rows(lane, lane.state[start:end], slope_fn)
+            return end - start
         index = torch.from_numpy(
             np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in units])
         ).to(lane.device)
         block = lane.state.index_select(0, index)
-        lane.advance(block, self._slope_fn(lane))
+        self._advance_rows(lane, block, slope_fn)
         lane.state.index_copy_(0, index, block)
         return int(index.shape[0])
+
+    def _advance_rows(self, lane: _Lane, block: torch.Tensor, slope_fn: Callable) -> None:
+        # Rows are independent: cache-sized chunks keep each layer's activations resident.
+        chunk = self.chunk_rows
+        for first in range(0, block.shape[0], chunk):
+            lane.advance(block[first : first + chunk], slope_fn)
 
     def _slope_fn(self, lane: _Lane) -> Callable:
         model = self.model

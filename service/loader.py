@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from service.fastpath import optimize
+from service.fastpath import DEFAULT_REWRITES, optimize
 from service.mixture import GaussianMixture
 
 log = logging.getLogger("flowserve.loader")
@@ -80,7 +80,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_model(folder: Path, device: torch.device, *, optimize_graph: bool = True) -> LoadedModel:
+def load_model(
+    folder: Path, device: torch.device, *, rewrites: tuple[str, ...] = DEFAULT_REWRITES
+) -> LoadedModel:
     """Load and check one model folder; raise ModelRefused with the reason."""
     manifest = read_manifest(folder)
     dim = manifest["dim"]
@@ -106,9 +108,7 @@ def load_model(folder: Path, device: torch.device, *, optimize_graph: bool = Tru
         ) from None
     module.eval()
     probe(module, dim, device)
-    fast, applied = (module, [])
-    if optimize_graph:
-        fast, applied = optimize(module, dim, device)
+    fast, applied = optimize(module, dim, device, rewrites)
     return LoadedModel(
         name=manifest["name"],
         dim=dim,
@@ -149,7 +149,7 @@ def warm_up(model: LoadedModel, passes: int, rows: int) -> None:
 
 
 def load_models(
-    models_dir: Path, device: torch.device, *, optimize_graph: bool = True
+    models_dir: Path, device: torch.device, *, rewrites: tuple[str, ...] = DEFAULT_REWRITES
 ) -> dict[str, LoadedModel]:
     """Every servable folder under `models_dir`, by name; refusals are logged, not raised."""
     models: dict[str, LoadedModel] = {}
@@ -160,7 +160,7 @@ def load_models(
         if folder.name.startswith("."):
             continue  # atomic writers build in hidden sibling folders
         try:
-            model = load_model(folder, device, optimize_graph=optimize_graph)
+            model = load_model(folder, device, rewrites=rewrites)
         except ModelRefused as exc:
             log.error("refused model %s: %s", folder.name, exc)
             continue

@@ -49,7 +49,7 @@ class Registry:
         settings = self.settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        models = load_models(settings.models_dir, self.device, optimize_graph=settings.optimize)
+        models = load_models(settings.models_dir, self.device, rewrites=settings.graph_rewrites)
         for name, model in models.items():
             if self.closed:
                 return
@@ -59,6 +59,7 @@ class Registry:
                 max_batch_rows=settings.max_batch_rows,
                 block_rows=settings.block_rows,
                 max_queue_rows=settings.max_queue_rows,
+                chunk_rows=settings.chunk_rows,
                 on_pass=self.metrics.pass_rows.labels(name).observe,
                 on_drop=lambda reason, rows, name=name: self.metrics.rows_dropped.labels(
                     name, reason

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     block_rows: int = Field(
         2048, ge=1, description="A request's rows advance in blocks of this size."
     )
+    chunk_rows: int = Field(
+        4096, ge=1, description="A pass evaluates its rows in chunks of this size (cache reuse)."
+    )
     max_queue_rows: int = Field(
         4_194_304, ge=1, description="Rows admitted (running or waiting); past it 503."
     )
@@ -69,8 +72,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op CPU threads; unset keeps torch's default."
     )
-    optimize: bool = Field(
-        True, description="Rewrite loaded graphs into faster equivalents (checked on a probe)."
+    graph_rewrites: tuple[Literal["freeze", "elu", "time_fold"], ...] = Field(
+        ("freeze", "time_fold"),
+        description="Rewrites of loaded graphs (service.fastpath), each checked on a probe; "
+        "JSON list, [] for none.",
     )
     warmup_passes: int = Field(3, ge=0, description="Forward passes per model before ready.")
 

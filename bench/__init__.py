@@ -1,0 +1,1 @@
+"""Benchmarks that drive a real `python -m service` process (not part of the test suite)."""

@@ -1,0 +1,70 @@
+"""Forward-pass time of a model under each graph rewrite, side by side (ratios to the graph as
+loaded). `python -m bench.fastpath [--model-dir models/four-gaussians] [--threads N]`.
+
+Each variant is timed interleaved with the others and the minimum over repetitions is kept, so
+a busy machine skews every variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from service.fastpath import optimize
+
+VARIANTS = {
+    "as loaded": (),
+    "freeze": ("freeze",),
+    "freeze+elu": ("freeze", "elu"),
+    "freeze+time_fold": ("freeze", "time_fold"),
+    "all": ("freeze", "elu", "time_fold"),
+}
+
+
+def time_forward(module, t: torch.Tensor, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    module(t, x)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=Path("models/four-gaussians"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 256, 2048, 8192, 16384, 65536])
+    parser.add_argument("--reps", type=int, default=40)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    dim = manifest["dim"]
+    loaded = torch.jit.load(str(args.model_dir / "model.pt")).eval()
+    device = torch.device("cpu")
+    modules = {}
+    for name, rewrites in VARIANTS.items():
+        modules[name], applied = optimize(loaded, dim, device, rewrites)
+        if name != "as loaded" and applied != list(rewrites):
+            print(f"{name}: only {applied} applied")
+    print(f"threads {torch.get_num_threads()}; best of {args.reps}; microseconds per pass")
+    print(f"{'rows':>7} " + " ".join(f"{name:>17}" for name in modules))
+    for rows in args.rows:
+        t = torch.rand(rows, 1)
+        x = torch.randn(rows, dim)
+        best = dict.fromkeys(modules, float("inf"))
+        with torch.inference_mode():
+            for module in modules.values():
+                module(t, x)
+            for _ in range(args.reps):
+                for name, module in modules.items():
+                    best[name] = min(best[name], time_forward(module, t, x))
+        base = best["as loaded"]
+        cells = [f"{best[n] * 1e6:9.0f} ({base / best[n]:4.2f}x)" for n in modules]
+        print(f"{rows:>7} " + " ".join(f"{c:>17}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
