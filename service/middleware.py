@@ -7,6 +7,7 @@ disconnect while their work runs.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 
@@ -65,7 +66,11 @@ class AccessLog:
                 "status": status,
                 "duration_ms": round(duration * 1000, 2),
             }
-            access_log.info(orjson.dumps(line).decode())
+            try:
+                text = orjson.dumps(line).decode()
+            except TypeError:  # an integer past 64 bits (a huge num_samples): json copes
+                text = json.dumps(line, separators=(",", ":"))
+            access_log.info(text)
 
 
 class BearerAuth:
