@@ -1,0 +1,325 @@
+"""service.engine driven directly: batched answers equal solo ones, fairness, cancellation,
+deadlines, the bounded queue. A gate around the field holds the engine thread at a chosen pass,
+so "while a job runs" is an ordering the test sets up, never a race it hopes to win."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import PostFlow
+
+from service.engine import (
+    Cancelled,
+    DeadlineExceeded,
+    Engine,
+    EngineError,
+    EngineStopped,
+    Job,
+    QueueFull,
+)
+from service.loader import LoadedModel
+from service.mixture import GaussianMixture
+from service.solvers import integrate, kept_steps
+
+DIM = 2
+WAIT_S = 30.0
+
+
+class Gate:
+    """The field as the engine sees it: counts calls, can hold call `hold_at` until released,
+    and can fail call `fail_at`."""
+
+    def __init__(self, module: torch.jit.ScriptModule):
+        self.module = module
+        self.calls = 0
+        self.hold_at: int | None = None
+        self.fail_at: int | None = None
+        self.reached = threading.Event()
+        self.released = threading.Event()
+
+    def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("field exploded\nsecond line")
+        if self.calls == self.hold_at:
+            self.reached.set()
+            self.released.wait(WAIT_S)
+        return self.module(t, x)
+
+    async def hold(self, at: int) -> None:
+        """Wait until the engine thread is inside call `at` (and held there)."""
+        self.hold_at = at
+        assert await asyncio.to_thread(self.reached.wait, WAIT_S), "engine never got there"
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@pytest.fixture(scope="module")
+def field() -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    return torch.jit.script(PostFlow(DIM, hidden=16, layers=2).eval())
+
+
+@dataclass
+class Setup:
+    engine: Engine
+    gate: Gate
+
+
+@pytest.fixture
+def make_engine(field: torch.jit.ScriptModule) -> Iterator:
+    engines: list[Engine] = []
+    gates: list[Gate] = []
+
+    def make(
+        max_batch_rows: int = 64,
+        block_rows: int = 16,
+        max_queue_rows: int = 10_000,
+        chunk_rows: int | None = None,
+    ):
+        gate = Gate(field)
+        source = GaussianMixture.from_spec(
+            {"means": [[0.0] * DIM], "covs": [torch.eye(DIM).tolist()], "weights": [1.0]}
+        )
+        model = LoadedModel(
+            name="m",
+            dim=DIM,
+            source=source,
+            manifest={},
+            module=gate,
+            autograd_module=field,
+            device=torch.device("cpu"),
+        )
+        engine = Engine(
+            model,
+            max_batch_rows=max_batch_rows,
+            block_rows=block_rows,
+            max_queue_rows=max_queue_rows,
+            chunk_rows=chunk_rows,
+        )
+        engine.start()
+        engines.append(engine)
+        gates.append(gate)
+        return Setup(engine, gate)
+
+    yield make
+    for gate in gates:
+        gate.release()
+    for engine in engines:
+        engine.stop(timeout=WAIT_S)
+
+
+def points(rows: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class Spec:
+    rows: int
+    num_steps: int
+    solver: str = "euler"
+    stride: int | None = None
+    backward: bool = False
+
+    def job(self, seed: int) -> Job:
+        keep = kept_steps(self.num_steps, self.stride) if self.stride else None
+        t0, t1 = (1.0, 0.0) if self.backward else (0.0, 1.0)
+        return Job(
+            z0=points(self.rows, seed),
+            solver=self.solver,
+            num_steps=self.num_steps,
+            t0=t0,
+            t1=t1,
+            keep=keep,
+        )
+
+    def solo(self, field: torch.jit.ScriptModule, seed: int) -> torch.Tensor:
+        t0, t1 = (1.0, 0.0) if self.backward else (0.0, 1.0)
+        with torch.inference_mode():
+            return integrate(
+                field,
+                points(self.rows, seed),
+                self.num_steps,
+                self.solver,
+                t0=t0,
+                t1=t1,
+                stride=self.stride,
+            )
+
+
+FIRST_WAVE = [
+    Spec(40, 12),
+    Spec(5, 3, stride=1),
+    Spec(33, 7, "rk4", stride=3),
+    Spec(16, 9, "heun", backward=True),
+]
+LATE_WAVE = [
+    Spec(3, 5, "midpoint"),
+    Spec(21, 4, stride=2),
+    Spec(1, 1),
+    Spec(17, 6, "rk4"),
+    Spec(8, 10, "euler", backward=True),
+]
+
+
+def check(spec: Spec, result, field: torch.jit.ScriptModule, seed: int) -> None:
+    expected = spec.solo(field, seed)
+    if spec.stride:
+        assert result.trajectory.shape == (
+            len(kept_steps(spec.num_steps, spec.stride)),
+            spec.rows,
+            DIM,
+        )
+        torch.testing.assert_close(result.trajectory, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.final, expected[-1], rtol=1e-5, atol=1e-5)
+    else:
+        assert result.trajectory is None
+        torch.testing.assert_close(result.final, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("max_batch_rows", "block_rows", "chunk_rows"), [(64, 16, None), (1024, 1024, 7), (8, 8, None)]
+)
+async def test_batched_equals_solo_with_jobs_joining_mid_flight(
+    make_engine, field, max_batch_rows: int, block_rows: int, chunk_rows: int | None
+) -> None:
+    setup = make_engine(max_batch_rows=max_batch_rows, block_rows=block_rows, chunk_rows=chunk_rows)
+    engine, gate = setup.engine, setup.gate
+    first = [asyncio.ensure_future(engine.run(s.job(i))) for i, s in enumerate(FIRST_WAVE)]
+    await gate.hold(at=5)
+    late = [asyncio.ensure_future(engine.run(s.job(100 + i))) for i, s in enumerate(LATE_WAVE)]
+    await asyncio.sleep(0)  # the late jobs are queued before the held pass ends
+    assert engine.queued_jobs == len(FIRST_WAVE) + len(LATE_WAVE)
+    gate.release()
+    results = await asyncio.gather(*first, *late)
+    seeds = list(range(len(FIRST_WAVE))) + [100 + i for i in range(len(LATE_WAVE))]
+    for spec, result, seed in zip(FIRST_WAVE + LATE_WAVE, results, seeds, strict=True):
+        check(spec, result, field, seed)
+    stats = engine.stats
+    assert stats.max_jobs_in_pass > 1
+    assert stats.max_rows_in_pass <= max_batch_rows
+    assert stats.jobs_done == len(results)
+    assert (stats.jobs_failed, stats.rows_dropped) == (0, {})
+    assert engine.queued_jobs == 0
+
+
+async def test_a_small_job_is_not_stuck_behind_a_large_one(make_engine, field) -> None:
+    setup = make_engine(max_batch_rows=8, block_rows=8)
+    engine, gate = setup.engine, setup.gate
+    large, small = Spec(64, 20), Spec(4, 3)
+    finished: list[tuple[str, int]] = []
+
+    def note(name: str):
+        return lambda _task: finished.append((name, engine.stats.passes))
+
+    large_task = asyncio.ensure_future(engine.run(large.job(0)))
+    large_task.add_done_callback(note("large"))
+    await gate.hold(at=2)
+    small_task = asyncio.ensure_future(engine.run(small.job(1)))
+    small_task.add_done_callback(note("small"))
+    await asyncio.sleep(0)
+    gate.release()
+    small_result, large_result = await asyncio.gather(small_task, large_task)
+    assert [name for name, _ in finished] == ["small", "large"]
+    # The large job alone needs 8 units x 20 steps = 160 passes of 8 rows; the small one was
+    # answered after a handful of them.
+    small_done_at = finished[0][1]
+    assert small_done_at <= 2 + 2 * small.num_steps + 1
+    assert engine.stats.passes >= 160
+    check(small, small_result, field, 1)
+    check(large, large_result, field, 0)
+
+
+async def test_a_cancelled_job_leaves_at_the_next_pass(make_engine) -> None:
+    setup = make_engine(max_batch_rows=64, block_rows=16)
+    engine, gate = setup.engine, setup.gate
+    job = Spec(50, 100).job(0)
+    task = asyncio.ensure_future(engine.run(job))
+    await gate.hold(at=2)
+    job.cancel()
+    gate.release()
+    with pytest.raises(Cancelled, match=r"^cancelled$"):
+        await task
+    stats = engine.stats
+    assert stats.passes == 2
+    assert stats.rows_dropped == {"cancelled": 50}
+    assert (stats.jobs_done, stats.jobs_failed) == (0, 1)
+    assert engine.queued_jobs == 0
+
+
+async def test_a_caller_that_goes_away_drops_its_rows_as_a_disconnect(make_engine) -> None:
+    setup = make_engine()
+    engine, gate = setup.engine, setup.gate
+    task = asyncio.ensure_future(engine.run(Spec(20, 100).job(0)))
+    await gate.hold(at=3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.release()
+    other = await engine.run(Spec(2, 2).job(1))  # served after the drop
+    assert other.final.shape == (2, DIM)
+    assert engine.stats.rows_dropped == {"disconnect": 20}
+    assert engine.stats.passes == 3 + 2
+
+
+async def test_a_past_deadline_job_gets_deadline_exceeded(make_engine) -> None:
+    engine = make_engine().engine
+    job = Spec(10, 5).job(0)
+    job.deadline = time.monotonic() - 1.0
+    with pytest.raises(DeadlineExceeded, match=r"^deadline passed$"):
+        await engine.run(job)
+    assert engine.stats.rows_dropped == {"deadline": 10}
+    assert engine.stats.passes == 0
+
+
+async def test_a_failing_field_fails_its_jobs_and_the_engine_goes_on(make_engine, field) -> None:
+    setup = make_engine()
+    engine, gate = setup.engine, setup.gate
+    gate.fail_at = 2
+    with pytest.raises(EngineError, match=r"^model evaluation failed: field exploded$"):
+        await engine.run(Spec(4, 5).job(0))
+    result = await engine.run(Spec(4, 5).job(1))
+    check(Spec(4, 5), result, field, 1)
+    assert (engine.stats.jobs_failed, engine.stats.jobs_done) == (1, 1)
+
+
+def test_reserve_bounds_the_queue_in_rows(make_engine) -> None:
+    engine = make_engine(max_queue_rows=100).engine
+    release = engine.reserve(60)
+    with pytest.raises(QueueFull) as info:
+        engine.reserve(41)
+    assert str(info.value) == (
+        "queue full: 60 rows admitted, this request adds 41, the limit is 100 "
+        "(FLOW_MAX_QUEUE_ROWS); retry later"
+    )
+    release_more = engine.reserve(40)
+    assert engine.queued_rows == 100
+    release()
+    release()  # idempotent
+    assert engine.queued_rows == 40
+    release_more()
+    assert engine.queued_rows == 0
+
+
+async def test_a_stopped_engine_refuses_work(make_engine) -> None:
+    engine = make_engine().engine
+    engine.stop(timeout=WAIT_S)
+    with pytest.raises(EngineStopped, match=r"^the service is shutting down$"):
+        engine.reserve(1)
+    with pytest.raises(EngineStopped):
+        await engine.run(Spec(1, 1).job(0))
+
+
+def test_block_rows_may_not_exceed_the_batch(field) -> None:
+    model = LoadedModel("m", DIM, None, {}, field, field, torch.device("cpu"))
+    with pytest.raises(
+        ValueError, match=r"^block_rows \(9\) must not exceed max_batch_rows \(8\)$"
+    ):
+        Engine(model, max_batch_rows=8, block_rows=9, max_queue_rows=10)
