@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(log_prob)
     log_prob.add_argument("--x", metavar="FILE", help="points (.npy or .csv)")
     log_prob.add_argument(
-        "--divergence", choices=("exact", "hutchinson"), help="trace estimator (default exact)"
+        "--divergence",
+        choices=("exact", "hutchinson"),
+        help="trace estimator (server default: exact up to dim 16, hutchinson above)",
     )
     log_prob.add_argument("--num-probes", type=_positive_int, help="Hutchinson probes")
     log_prob.add_argument(

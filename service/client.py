@@ -526,7 +526,9 @@ class FlowClient:
         """Model log-density of `x` (n, dim).
 
         Returns "log_prob" (n,), "latents" (n, dim) float32, "log_p0" (n,),
-        "divergence_integral" (n,) and "divergence_stderr" (n,) for "hutchinson", else None.
+        "divergence_integral" (n,) and "divergence_stderr" (n,) for "hutchinson" with
+        num_probes > 1, else None. `divergence` left out: "exact" up to the server's
+        FLOW_MAX_EXACT_DIVERGENCE_DIM (16 by default), "hutchinson" above.
         """
         return self._call(
             _log_prob_request(x, model, num_steps, solver, divergence, num_probes, seed, timeout_s)

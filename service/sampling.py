@@ -242,6 +242,14 @@ async def log_prob(
     method = req.divergence or (
         "exact" if dim <= settings.max_exact_divergence_dim else "hutchinson"
     )
+    if req.num_probes is not None and method == "exact":
+        # Dropping the probes silently would answer a different question than the one asked.
+        raise ApiError(
+            422,
+            f"num_probes: only applies to divergence 'hutchinson'; model {served.model.name} "
+            f"(dim {dim}) defaults to 'exact' (up to dim {settings.max_exact_divergence_dim}, "
+            "FLOW_MAX_EXACT_DIVERGENCE_DIM)",
+        )
     probes = (req.num_probes or 1) if method == "hutchinson" else None
     if probes is not None and probes > settings.max_probes:
         raise too_large("num_probes", probes, settings.max_probes, "FLOW_MAX_PROBES")
@@ -306,4 +314,5 @@ async def log_prob(
         "divergence_stderr": stderr,
         "latents": latents.numpy(),
     }
-    return Answer(body)
+    headers = _headers(served, seed=seed, num_steps=req.num_steps, solver=req.solver, nfe=nfe)
+    return Answer(body, headers=headers)
