@@ -58,8 +58,11 @@ def _check_common(
     return nfe
 
 
-def _points(points: list[list[float]], served: Served, field_name: str) -> torch.Tensor:
-    """(n, dim) float32 tensor on the model's device; 422 for the wrong dimension."""
+def _points(
+    points: list[list[float]], served: Served, field_name: str, limit: float
+) -> torch.Tensor:
+    """(n, dim) float32 tensor on the model's device; 422 for the wrong dimension, or for
+    coordinates past `limit`, where any network overflows float32 and answers would be NaN."""
     width = len(points[0])
     if width != served.model.dim:
         raise ApiError(
@@ -69,8 +72,13 @@ def _points(points: list[list[float]], served: Served, field_name: str) -> torch
         )
     with np.errstate(over="ignore"):
         array = np.asarray(points, dtype=np.float32)
-    if not np.isfinite(array).all():
-        raise ApiError(422, f"{field_name}: values must fit in float32 (|value| < 3.4e38)")
+    largest = float(np.abs(array).max())
+    if not largest <= limit:
+        raise ApiError(
+            422,
+            f"{field_name}: coordinates must lie within +-{limit:g} (FLOW_MAX_ABS_INPUT); "
+            f"got {largest:.3g}",
+        )
     return torch.from_numpy(array).to(served.model.device)
 
 
@@ -172,7 +180,7 @@ async def sample(
 
     def build() -> Job:
         if req.x0 is not None:
-            z0 = _points(req.x0, served, "x0")
+            z0 = _points(req.x0, served, "x0", settings.max_abs_input)
         else:
             z0 = served.model.source.sample(rows, _generator(seed, device), device)
         return Job(z0=z0, solver=req.solver, num_steps=req.num_steps, keep=keep)
@@ -210,7 +218,7 @@ async def encode(
     nfe = _check_common(served, req.rows, req.num_steps, req.solver, settings, "x")
 
     def build() -> Job:
-        x = _points(req.x, served, "x")
+        x = _points(req.x, served, "x", settings.max_abs_input)
         return Job(z0=x, solver=req.solver, num_steps=req.num_steps, t0=1.0, t1=0.0)
 
     result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
@@ -253,6 +261,14 @@ async def log_prob(
     probes = (req.num_probes or 1) if method == "hutchinson" else None
     if probes is not None and probes > settings.max_probes:
         raise too_large("num_probes", probes, settings.max_probes, "FLOW_MAX_PROBES")
+    if probes is not None and req.rows * probes * dim > settings.max_probe_values:
+        # The probes stay in memory for the whole integration, whatever the step count.
+        raise too_large(
+            "x rows x num_probes x dim",
+            req.rows * probes * dim,
+            settings.max_probe_values,
+            "FLOW_MAX_PROBE_VALUES",
+        )
     passes = dim if method == "exact" else probes
     work = req.rows * nfe * passes
     if work > settings.max_divergence_row_steps:
@@ -269,7 +285,7 @@ async def log_prob(
     device = served.model.device
 
     def build() -> Job:
-        x = _points(req.x, served, "x")
+        x = _points(req.x, served, "x", settings.max_abs_input)
         z0 = torch.cat([x, torch.zeros(req.rows, columns, device=device)], dim=1)
         eps = None
         if method == "hutchinson":

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
         16, ge=1, description="Largest dim whose /log_prob defaults to the exact divergence."
     )
     max_probes: int = Field(256, ge=1, description="num_probes of one /log_prob request.")
+    max_probe_values: int = Field(
+        50_000_000,
+        ge=1,
+        description="Rows x num_probes x dim of one Hutchinson /log_prob request (held in memory).",
+    )
+    max_abs_input: float = Field(
+        1e6, gt=0, description="Largest |coordinate| of x0 or x; beyond it, 422."
+    )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body size.")
 
     # Engine.

@@ -359,7 +359,16 @@ BAD = [
         "seed: Input should be less than or equal to 9223372036854775807",
     ),
     ("/sample", {"num_samples": 2, "seed": -1}, "seed: Input should be greater than or equal to 0"),
-    ("/sample", {"x0": [[1e39, 0.0]]}, "x0: values must fit in float32 (|value| < 3.4e38)"),
+    (
+        "/sample",
+        {"x0": [[1e39, 0.0]]},
+        "x0: coordinates must lie within +-1e+06 (FLOW_MAX_ABS_INPUT); got inf",
+    ),
+    (
+        "/sample",
+        {"x0": [[3e38, 0.0]]},
+        "x0: coordinates must lie within +-1e+06 (FLOW_MAX_ABS_INPUT); got 3e+38",
+    ),
     ("/sample", {"num_samples": "2"}, "num_samples: Input should be a valid integer"),
     ("/sample", {"num_samples": 2.5}, "num_samples: Input should be a valid integer"),
     ("/sample", {"num_samples": True}, "num_samples: Input should be a valid integer"),
