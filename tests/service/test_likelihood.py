@@ -369,7 +369,10 @@ async def test_concurrent_log_probs_share_passes_and_keep_their_answers(
         ({"x": []}, "x: must hold at least one point"),
         ({"x": [[1.0, float("nan")]]}, "x[0][1]: Input should be a finite number"),
         ({"x": [[float("-inf"), 1.0]]}, "x[0][0]: Input should be a finite number"),
-        ({"x": [[1.0, 1e39]]}, "x: values must fit in float32 (|value| < 3.4e38)"),
+        (
+            {"x": [[1.0, 1e39]]},
+            "x: coordinates must lie within +-1e+06 (FLOW_MAX_ABS_INPUT); got inf",
+        ),
         (
             {"x": [[1.0, 2.0]], "num_steps": 0},
             "num_steps: Input should be greater than or equal to 1",
@@ -433,6 +436,7 @@ LIMITS = {
     "max_row_steps": 400,
     "max_divergence_row_steps": 200,
     "max_probes": 4,
+    "max_probe_values": 16,
     "max_exact_divergence_dim": 2,
 }
 
@@ -469,16 +473,22 @@ def over(field: str, value: int, limit: int, setting: str) -> str:
             {"rows": 3, "num_steps": 17, "solver": "heun"},
             over("x rows x nfe x divergence passes", 204, 200, "FLOW_MAX_DIVERGENCE_ROW_STEPS"),
         ),
-        # Hutchinson: rows x nfe x probes.
+        # Hutchinson: rows x nfe x probes, here 1 x 70 x 3.
         (
             "/log_prob",
-            {"rows": 5, "num_steps": 14, "divergence": "hutchinson", "num_probes": 3},
+            {"num_steps": 35, "solver": "heun", "divergence": "hutchinson", "num_probes": 3},
             over("x rows x nfe x divergence passes", 210, 200, "FLOW_MAX_DIVERGENCE_ROW_STEPS"),
         ),
         (
             "/log_prob",
             {"num_steps": 10, "divergence": "hutchinson", "num_probes": 5},
             over("num_probes", 5, 4, "FLOW_MAX_PROBES"),
+        ),
+        # The probes are held in memory: rows x probes x d, here 3 x 3 x 2, whatever the steps.
+        (
+            "/log_prob",
+            {"rows": 3, "num_steps": 1, "divergence": "hutchinson", "num_probes": 3},
+            over("x rows x num_probes x dim", 18, 16, "FLOW_MAX_PROBE_VALUES"),
         ),
     ],
 )
@@ -492,7 +502,8 @@ def test_limits_are_413(limited: TestClient, path: str, body: dict, detail: str)
     ("body", "method"),
     [
         ({"rows": 5, "num_steps": 20}, "exact"),  # 5 x 20 x 2 = 200: at the limit
-        ({"rows": 5, "num_steps": 10, "divergence": "hutchinson", "num_probes": 4}, "hutchinson"),
+        # 2 x 25 x 4 probes = 200 passes; 2 x 4 x 2 = 16 probe values: both at their limits
+        ({"rows": 2, "num_steps": 25, "divergence": "hutchinson", "num_probes": 4}, "hutchinson"),
     ],
 )
 def test_work_at_the_limit_is_served(limited: TestClient, body: dict, method: str) -> None:
