@@ -1,0 +1,220 @@
+"""The training config: JSON on disk, frozen dataclasses in memory.
+
+```json
+{
+  "source": MIXTURE,
+  "target": MIXTURE | {"dataset": NAME, "noise"?: float, "size"?: int} | {"file": PATH},
+  "model":  {"hidden": 64, "layers": 3, "activation"?: "elu"},
+  "train":  {"batch_size": 1024, "steps": 5000, "lr": 0.001, "seed": 0, ...optional keys},
+  "notes"?: "free text: why the settings are what they are"
+}
+```
+
+The optional `train` keys and their defaults are the fields of `TrainConfig`. A relative `file`
+path is read relative to the config file's folder. Every problem raises `ValueError` with one
+line that starts with the field (`target.covs[2]: not positive definite`) or the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.mixture import GaussianMixture
+from training.datasets import (
+    DATASETS,
+    DatasetTarget,
+    MixtureTarget,
+    PointCloudTarget,
+    Target,
+    load_points,
+)
+from training.network import ACTIVATIONS
+
+COUPLINGS = ("independent", "ot")
+SCHEDULES = ("constant", "cosine")
+TIME_SAMPLINGS = ("uniform", "ends")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int
+    layers: int
+    activation: str = "elu"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the first four are required, the rest have the defaults below.
+
+    coupling: "independent" pairs x0 and x1 at random (the reference algorithm); "ot" re-pairs
+        each minibatch by the exact optimal assignment under squared Euclidean cost.
+    schedule: "constant" lr, or "cosine" decay from lr to `lr * min_lr_ratio` after a linear
+        warm-up of `warmup` steps.
+    ema: decay of an exponential moving average of the weights; the average is what gets
+        exported. 0 exports the raw weights.
+    time_sampling: "uniform" t ~ U[0, 1], or "ends": a share `ends_weight` of each batch drawn
+        from the arcsine law (density 1 / (pi sqrt(t (1 - t)))), which visits both ends more.
+    """
+
+    batch_size: int
+    steps: int
+    lr: float
+    seed: int
+    coupling: str = "independent"
+    weight_decay: float = 0.01
+    schedule: str = "constant"
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    ema: float = 0.0
+    time_sampling: str = "uniform"
+    ends_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    source: GaussianMixture
+    target: Target
+    model: ModelConfig
+    train: TrainConfig
+    notes: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, as JSON-ready data (this is what the manifest records)."""
+        resolved: dict[str, Any] = {
+            "source": self.source.to_spec(),
+            "target": self.target.spec(),
+            "model": dataclasses.asdict(self.model),
+            "train": dataclasses.asdict(self.train),
+        }
+        if self.notes:
+            resolved["notes"] = self.notes
+        return resolved
+
+
+def _check_keys(obj: Any, field: str, required: set[str], optional: set[str]) -> None:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{field}: expected an object")
+    missing = sorted(required - set(obj))
+    if missing:
+        raise ValueError(f"{field}: missing {', '.join(missing)}")
+    unknown = sorted(set(obj) - required - optional)
+    if unknown:
+        raise ValueError(f"{field}: unknown field(s) {', '.join(unknown)}")
+
+
+def _integer(value: Any, field: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{field}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _number(value: Any, field: str, low: float, high: float, *, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field}: expected a finite number, got {value!r}")
+    if value < low or (open_low and value == low) or value > high:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{field}: must be in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{field}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _parse_target(spec: Any, base_dir: Path, seed: int) -> Target:
+    if isinstance(spec, Mapping) and "dataset" in spec:
+        _check_keys(spec, "target", {"dataset"}, {"noise", "size"})
+        name = _choice(spec["dataset"], "target.dataset", tuple(DATASETS))
+        noise = spec.get("noise")
+        if noise is not None:
+            noise = _number(noise, "target.noise", 0.0, math.inf)
+        size = spec.get("size")
+        if size is not None:
+            size = _integer(size, "target.size", minimum=1)
+        return DatasetTarget(name, noise=noise, size=size, seed=seed)
+    if isinstance(spec, Mapping) and "file" in spec:
+        _check_keys(spec, "target", {"file"}, set())
+        if not isinstance(spec["file"], str) or not spec["file"]:
+            raise ValueError("target.file: expected a path")
+        path = Path(spec["file"])
+        if not path.is_absolute():
+            path = base_dir / path
+        return PointCloudTarget(load_points(path), spec["file"])
+    return MixtureTarget(GaussianMixture.from_spec(spec, field="target"))
+
+
+def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, Any] | None = None):
+    """Validate a decoded JSON config; `overrides` replace keys of `train` (the CLI flags)."""
+    _check_keys(raw, "config", {"source", "target", "model", "train"}, {"notes"})
+    if "notes" in raw and not isinstance(raw["notes"], str):
+        raise ValueError("notes: expected a string")
+
+    model_raw = raw["model"]
+    _check_keys(model_raw, "model", {"hidden", "layers"}, {"activation"})
+    model = ModelConfig(
+        hidden=_integer(model_raw["hidden"], "model.hidden", minimum=1),
+        layers=_integer(model_raw["layers"], "model.layers", minimum=1),
+        activation=_choice(
+            model_raw.get("activation", "elu"), "model.activation", tuple(ACTIVATIONS)
+        ),
+    )
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_raw = raw["train"]
+    _check_keys(train_raw, "train", {"batch_size", "steps", "lr", "seed"}, train_fields)
+    train_raw = {**train_raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    t = TrainConfig(**train_raw)
+    train = TrainConfig(
+        batch_size=_integer(t.batch_size, "train.batch_size", minimum=1),
+        steps=_integer(t.steps, "train.steps", minimum=1),
+        lr=_number(t.lr, "train.lr", 0.0, math.inf, open_low=True),
+        seed=_integer(t.seed, "train.seed", minimum=0),
+        coupling=_choice(t.coupling, "train.coupling", COUPLINGS),
+        weight_decay=_number(t.weight_decay, "train.weight_decay", 0.0, math.inf),
+        schedule=_choice(t.schedule, "train.schedule", SCHEDULES),
+        warmup=_integer(t.warmup, "train.warmup", minimum=0),
+        min_lr_ratio=_number(t.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0),
+        ema=_number(t.ema, "train.ema", 0.0, 1.0),
+        time_sampling=_choice(t.time_sampling, "train.time_sampling", TIME_SAMPLINGS),
+        ends_weight=_number(t.ends_weight, "train.ends_weight", 0.0, 1.0),
+    )
+    if train.ema == 1.0:
+        raise ValueError("train.ema: must be below 1 (1 would never move the average)")
+
+    source = GaussianMixture.from_spec(raw["source"], field="source")
+    target = _parse_target(raw["target"], Path(base_dir), train.seed)
+    if target.dim != source.dim:
+        raise ValueError(
+            f"target: dimension {target.dim} does not match the source's dimension {source.dim}"
+        )
+    notes = raw.get("notes", "")
+    return Config(source=source, target=target, model=model, train=train, notes=notes)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a config file; errors name the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{path}: cannot read ({reason})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return parse_config(raw, base_dir=path.parent, overrides=overrides)

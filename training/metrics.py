@@ -1,0 +1,142 @@
+"""The trainer's self-score: how close generated samples are to the target, per step count.
+
+- `w2`: the exact 2-Wasserstein distance between two equal-size clouds with uniform weights,
+  whose optimal plan is a permutation (an assignment problem on squared Euclidean cost).
+- The floor: the same figure between two independent target draws of the same size; what a
+  perfect model would score. W2 / floor is the headline (1.0 is perfect).
+- `mode_stats`: for mixture targets, each mode's share of samples (nearest mean) and the error
+  of each mode's sample mean and covariance.
+- `path_energy` / NPE: normalised path energy |E[int ||v||^2 dt] - W2^2| / W2^2 along generated
+  paths, with W2 between each path's start and end clouds; 0 for straight optimal paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from service.mixture import GaussianMixture
+from service.solvers import Field, integrate
+
+STEP_COUNTS = (1, 2, 4, 8, 16, 100)
+"""Euler step counts in the quality table; the last one is the headline."""
+
+
+def w2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact W2 between the uniform clouds a and b, both (n, d)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"w2: clouds must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    cost = torch.cdist(a.double().cpu(), b.double().cpu()).square_().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].mean()) ** 0.5
+
+
+def mean_w2(samples: torch.Tensor, reference: torch.Tensor, chunk: int) -> float:
+    """Mean `w2` over consecutive chunks of `chunk` rows; samples, reference: (m * chunk, d)."""
+    pieces = [
+        w2(samples[i : i + chunk], reference[i : i + chunk])
+        for i in range(0, len(samples) - chunk + 1, chunk)
+    ]
+    return sum(pieces) / len(pieces)
+
+
+def path_energy(
+    field: Field, x0: torch.Tensor, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler-integrate from x0 (n, d); return (x1 (n, d), int ||v||^2 dt per path (n,))."""
+    energy = torch.zeros(len(x0), dtype=torch.float64, device=x0.device)
+
+    def recording(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        v = field(t, x)
+        energy.add_(v.double().square().sum(dim=1), alpha=1.0 / num_steps)
+        return v
+
+    return integrate(recording, x0, num_steps, "euler"), energy
+
+
+def npe(field: Field, x0: torch.Tensor, num_steps: int = 100, chunk: int = 2000) -> float:
+    """Normalised path energy of the Euler paths from x0 (n, d), n a multiple of `chunk`."""
+    x1, energy = path_energy(field, x0, num_steps)
+    w2_squared = [
+        w2(x0[i : i + chunk], x1[i : i + chunk]) ** 2 for i in range(0, len(x0) - chunk + 1, chunk)
+    ]
+    optimal = sum(w2_squared) / len(w2_squared)
+    if optimal == 0.0:
+        return 0.0 if float(energy.mean()) == 0.0 else float("inf")
+    return abs(float(energy.mean()) - optimal) / optimal
+
+
+def mode_stats(samples: torch.Tensor, mixture: GaussianMixture) -> list[dict]:
+    """Per mode k of `mixture`: share of samples nearest to mean k, and the errors of their mean
+    (Euclidean norm) and covariance (Frobenius norm). samples: (n, d).
+
+    Keys: "mean" (the mode's mean), "weight" (its mixture weight), "share", "mean_error",
+    "cov_error" (NaN error figures for a mode with fewer than two samples).
+    """
+    x = samples.double().cpu()
+    nearest = torch.cdist(x, mixture.means).argmin(dim=1)
+    stats = []
+    for k in range(mixture.num_components):
+        members = x[nearest == k]
+        entry = {
+            "mean": mixture.means[k].tolist(),
+            "weight": float(mixture.weights[k]),
+            "share": len(members) / len(x),
+            "mean_error": float("nan"),
+            "cov_error": float("nan"),
+        }
+        if len(members) >= 2:
+            entry["mean_error"] = float(torch.linalg.norm(members.mean(0) - mixture.means[k]))
+            entry["cov_error"] = float(torch.linalg.norm(members.T.cov() - mixture.covs[k]))
+        stats.append(entry)
+    return stats
+
+
+@torch.no_grad()
+def score(
+    field: Field,
+    source: GaussianMixture,
+    target,
+    generator: torch.Generator,
+    *,
+    num_samples: int = 10_000,
+    chunk: int = 2000,
+    step_counts: tuple[int, ...] = STEP_COUNTS,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """The "quality" block of the manifest.
+
+    Draws `num_samples` start points and integrates them with Euler at each of `step_counts`;
+    W2 figures average `num_samples // chunk` assignments of `chunk` points against fresh target
+    draws. Keys: "num_samples", "chunk", "w2_floor", "by_steps" {"K": {"w2", "w2_ratio"}},
+    "w2" and "w2_ratio" (at the largest K), "npe" (along the largest-K paths), and "modes"
+    (mixture targets only, see `mode_stats`, at the largest K).
+    """
+    if num_samples < chunk:
+        raise ValueError(f"num_samples: must be at least chunk ({chunk}), got {num_samples}")
+    x0 = source.sample(num_samples, generator).to(device)
+    floor = mean_w2(
+        target.sample(num_samples, generator), target.sample(num_samples, generator), chunk
+    )
+    by_steps = {}
+    final = None
+    for k in step_counts:
+        final = integrate(field, x0, k, "euler").cpu()
+        distance = mean_w2(final, target.sample(num_samples, generator), chunk)
+        by_steps[str(k)] = {"w2": distance, "w2_ratio": distance / floor}
+    headline = by_steps[str(step_counts[-1])]
+    quality = {
+        "num_samples": num_samples,
+        "chunk": chunk,
+        "w2": headline["w2"],
+        "w2_floor": floor,
+        "w2_ratio": headline["w2_ratio"],
+        "by_steps": by_steps,
+        "npe": npe(field, x0, step_counts[-1], chunk),
+    }
+    mixture = getattr(target, "mixture", None)
+    if mixture is not None:
+        quality["modes"] = mode_stats(final, mixture)
+    return quality

@@ -1,0 +1,48 @@
+"""The velocity network v(t, x): a plain MLP on the concatenation [x, t].
+
+The layout (`torch.cat([x, t], dim=-1)` fed to one `torch.nn.Sequential` of Linear and
+activation layers) is the reference post's and is kept on purpose: it scripts cleanly, and the
+server folds the constant time column of that concatenation into the first layer's bias.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+}
+
+
+class VelocityMLP(nn.Module):
+    """v(t, x) with `layers` hidden layers of width `hidden`.
+
+    forward: t (B, 1), x (B, dim) -> (B, dim), all float32.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, layers: int = 3, activation: str = "elu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"model.activation: unknown {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        widths = [dim + 1] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for width_in, width_out in itertools.pairwise(widths):
+            blocks += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
+        blocks.append(nn.Linear(widths[-1], dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, t], dim=-1))
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

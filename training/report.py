@@ -1,0 +1,81 @@
+"""The artifact's report.png: a headless matplotlib page of four panels.
+
+Loss curve; generated samples over target samples; a few generated trajectories; W2 / floor
+against the number of Euler steps. Points of more than two dimensions show their first two
+coordinates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display is ever needed, and no GUI backend is imported
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def plot_report(
+    path: Path,
+    losses: list[float],
+    samples: torch.Tensor,
+    target_samples: torch.Tensor,
+    trajectories: torch.Tensor,
+    by_steps: dict[str, dict[str, float]],
+    title: str = "",
+) -> None:
+    """Save the report to `path` (PNG).
+
+    samples, target_samples: (n, d); trajectories: (steps + 1, m, d); by_steps: the quality
+    table {"K": {"w2_ratio": ...}}.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(10, 9), dpi=72)
+    (loss_ax, sample_ax), (path_ax, step_ax) = axes
+
+    loss_ax.plot(range(1, len(losses) + 1), losses, lw=0.5, alpha=0.4, color="tab:blue")
+    window = max(1, len(losses) // 100)
+    if len(losses) >= window:
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1)
+        loss_ax.plot(range(window, len(losses) + 1), smooth, lw=1.5, color="tab:blue")
+    loss_ax.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
+
+    target = target_samples[:, :2].numpy()
+    generated = samples[:, :2].numpy()
+    sample_ax.scatter(target[:, 0], target[:, 1], s=2, alpha=0.3, color="tab:gray", label="target")
+    sample_ax.scatter(
+        generated[:, 0], generated[:, 1], s=2, alpha=0.4, color="tab:orange", label="generated"
+    )
+    sample_ax.set(title="samples (100 Euler steps)", aspect="equal")
+    sample_ax.legend(loc="upper right", markerscale=4)
+
+    paths = trajectories[:, :, :2].numpy()
+    path_ax.plot(paths[:, :, 0], paths[:, :, 1], lw=0.6, alpha=0.6, color="tab:olive")
+    path_ax.scatter(paths[0, :, 0], paths[0, :, 1], s=4, color="black", label="x0")
+    path_ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=4, color="tab:orange", label="x1")
+    path_ax.set(title="generated trajectories", aspect="equal")
+    path_ax.legend(loc="upper right", markerscale=3)
+
+    counts = sorted(by_steps, key=int)
+    ratios = [by_steps[k]["w2_ratio"] for k in counts]
+    step_ax.plot([int(k) for k in counts], ratios, marker="o")
+    step_ax.axhline(1.0, color="tab:gray", ls="--", lw=1)
+    step_ax.set(
+        xscale="log", xlabel="Euler steps", ylabel="W2 / floor", title="quality per step count"
+    )
+    for k, ratio in zip(counts, ratios, strict=True):
+        step_ax.annotate(
+            f"{ratio:.2f}",
+            (int(k), ratio),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
