@@ -103,6 +103,11 @@ QUICK = Sizes(
 ALL_CASES = ("check", "1", "2", "3", "4", "5", "flops", "cuda")
 
 
+def default_cases(device: str) -> tuple[str, ...]:
+    """Every case; the per-step and many-rows figures ('cuda') only on a GPU unless asked for."""
+    return ALL_CASES if device == "cuda" else tuple(c for c in ALL_CASES if c != "cuda")
+
+
 # ----------------------------------------------------------------------------- the baseline
 
 
@@ -924,7 +929,7 @@ def cuda_figures(ctx: Context, label: str = "") -> list[Figure]:
     post_step = (post[high] - post[low]) / (high - low)
     time_post_sample(ctx.flow, 4096, 10, ctx.device)
     post_big = min(time_post_sample(ctx.flow, s.cuda_rows, s.steps, ctx.device, s.repeats))
-    ctx.details[f"cuda{label}"] = {
+    ctx.details[f"per_step_and_many_rows{label}"] = {
         "served_median_s": medians,
         "post_median_s": post,
         "served_large_s": served_big,
@@ -932,7 +937,7 @@ def cuda_figures(ctx: Context, label: str = "") -> list[Figure]:
     }
     return [
         Figure(
-            f"cuda: per-step time at {s.small_rows} rows{label}",
+            f"{ctx.device.type}: per-step time at {s.small_rows} rows{label}",
             "us",
             1e6 * served_step,
             1e6 * post_step,
@@ -942,7 +947,7 @@ def cuda_figures(ctx: Context, label: str = "") -> list[Figure]:
             notes=f"difference of {high}- and {low}-step medians",
         ),
         Figure(
-            f"cuda: {s.cuda_rows:,} x {s.steps}{label}",
+            f"{ctx.device.type}: {s.cuda_rows:,} x {s.steps}{label}",
             "samples*steps/s",
             work / served_big,
             work / post_big,
@@ -990,7 +995,7 @@ def run_bench(
     *,
     device: str = "cpu",
     sizes: Sizes = FULL,
-    cases: Sequence[str] = ALL_CASES,
+    cases: Sequence[str] | None = None,
     models_dir: Path | None = None,
     model: str | None = None,
     workdir: Path,
@@ -1009,7 +1014,7 @@ def run_bench(
     served_dir, model, origin = prepare_models(workdir, models_dir, model)
     flow = load_post_flow(served_dir / model / "model.pt", torch_device)
     say(f"bench: model {model} ({origin}) on {device}; torch threads {torch.get_num_threads()}")
-    wants = set(cases)
+    wants = set(default_cases(device) if cases is None else cases)
     wrk = find_wrk(install, say) if "3" in wants else None
     if "3" in wants:
         say(f"bench: load generator {wrk or 'httpx (wrk unavailable)'}")
@@ -1041,7 +1046,7 @@ def run_bench(
             record(step())
             if name == "1":
                 details["large_rate"] = figures[-1].flowserve
-        if device == "cuda" and "cuda" in wants:
+        if "cuda" in wants:
             record(cuda_figures(ctx))
         if "5" in wants and not fresh_memory_server:
             record(case_memory(ctx, server))
@@ -1084,12 +1089,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, help="serve this folder of model folders")
     parser.add_argument("--model", help="model to bench (default: the first in the folder)")
     parser.add_argument(
-        "--cases", default=",".join(ALL_CASES), help=f"comma-separated, of {','.join(ALL_CASES)}"
+        "--cases",
+        help=f"comma-separated, of {','.join(ALL_CASES)} (default: all; cuda only on a GPU)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
     args = parser.parse_args(argv)
-    unknown = set(args.cases.split(",")) - set(ALL_CASES)
+    unknown = set(args.cases.split(",") if args.cases else ()) - set(ALL_CASES)
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}")
     if args.model and not args.models_dir:
@@ -1104,7 +1110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_bench(
                 device=args.device,
                 sizes=QUICK if args.quick else FULL,
-                cases=args.cases.split(","),
+                cases=args.cases.split(",") if args.cases else None,
                 models_dir=args.models_dir,
                 model=args.model,
                 workdir=Path(tmp),

@@ -66,4 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers 400 for a body that is not text at all; like any malformed body: 422.
+            return json_response({"detail": "body: not valid JSON (not UTF-8 text)"}, status=422)
         return json_response({"detail": str(exc.detail)}, exc.headers, exc.status_code)

@@ -8,7 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Point = list[FiniteFloat]
+# minItems only documents what `_check_rows` enforces, with its messages.
+Point = Annotated[list[FiniteFloat], Field(json_schema_extra={"minItems": 1})]
+Points = Annotated[list[Point], Field(json_schema_extra={"minItems": 1})]
 SolverName = Literal["euler", "midpoint", "heun", "rk4"]
 DivergenceMethod = Literal["exact", "hutchinson"]
 
