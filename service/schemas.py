@@ -77,7 +77,7 @@ class SampleRequest(_Request):
         le=MAX_SEED,
         description="Seeds the start points; left out, a fresh one is drawn and echoed back.",
     )
-    x0: list[Point] | None = Field(
+    x0: Points | None = Field(
         None, description="Start points (num_samples, dim) instead of draws from the source."
     )
     solver: SolverField = "euler"
@@ -137,7 +137,7 @@ class EncodeRequest(_Request):
     )
 
     model: ModelField = None
-    x: list[Point] = Field(description="Data points (n, dim) to map back to the source at t = 0.")
+    x: Points = Field(description="Data points (n, dim) to map back to the source at t = 0.")
     num_steps: StepsField = 100
     solver: SolverField = "euler"
     timeout_s: TimeoutField = None
