@@ -99,6 +99,10 @@ class Settings(BaseSettings):
                 f"max_samples ({self.max_samples}) must not exceed max_queue_rows "
                 f"({self.max_queue_rows}): a request that large could never be admitted"
             )
+        if self.api_key is not None and not self.api_keys():
+            raise ValueError(
+                "api_key: FLOW_API_KEY is set but holds no key; unset it to turn authentication off"
+            )
         return self
 
     def api_keys(self) -> list[bytes]:
