@@ -29,9 +29,7 @@ StepsField = Annotated[
 ]
 SolverField = Annotated[
     SolverName,
-    Field(
-        description="euler (the contract's), midpoint, heun or rk4: 1, 2, 2, 4 passes a step."
-    ),
+    Field(description="euler (the contract's), midpoint, heun or rk4: 1, 2, 2, 4 passes a step."),
 ]
 TimeoutField = Annotated[
     float | None,
@@ -213,10 +211,15 @@ class EncodeResponse(_Answer):
 class LogProbResponse(_Answer):
     divergence: DivergenceMethod
     num_probes: int | None
-    seed: int | None
-    log_prob: list[float]
-    log_p0: list[float]
-    divergence_integral: list[float]
+    seed: int | None = Field(description="The seed of the Hutchinson probes; null for exact.")
+    log_prob: list[float] = Field(
+        description="log p1(x) in nats: log_p0 - divergence_integral, one per point."
+    )
+    log_p0: list[float] = Field(description="The source's log-density at the latents.")
+    divergence_integral: list[float] = Field(
+        description="Integral over t from 0 to 1 of (div v)(t, x_t) along the path that ends at "
+        "x; positive where the flow spreads mass out."
+    )
     divergence_stderr: list[float] | None = Field(
         description="Standard error of the Hutchinson estimate (null for exact or one probe)."
     )
