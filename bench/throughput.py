@@ -1,7 +1,8 @@
 """Throughput, latency and memory of a real `python -m service`, beside the reference sampler.
 
     python -m bench.throughput [--device cpu|cuda] [--quick] [--models-dir DIR --model NAME]
-                               [--cases 1,2,3,4,5,flops,cuda] [--json FILE] [--no-install]
+                               [--cases check,1,2,3,4,5,flops,cuda] [--json FILE]
+                               [--no-install] [--server-env FLOW_NAME=VALUE ...]
 
 The server runs in its own process on a free loopback port. The baseline is the reference post's
 Euler sampler (a time column built by `repeat` every step, `torch.cat([x, t])` inside forward, a
@@ -1001,12 +1002,14 @@ def run_bench(
     workdir: Path,
     install: bool = True,
     fresh_memory_server: bool = True,
+    server_env: dict[str, str] | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the chosen cases; returns {"figures": [...], "details": {...}, ...} (JSON-ready).
 
     The memory case runs on a fresh server so that earlier cases' allocations do not hide its
-    growth; `fresh_memory_server=False` reuses the first one (for a smoke run).
+    growth; `fresh_memory_server=False` reuses the first one (for a smoke run). `server_env`:
+    FLOW_* settings for the servers (to compare engine settings).
     """
     torch_device = torch.device(device)
     if device == "cuda" and not torch.cuda.is_available():
@@ -1030,7 +1033,7 @@ def run_bench(
                 f"{_cell(figure.baseline)} -> {_cell(figure.ratio)}"
             )
 
-    with serve(served_dir, device, log) as server:
+    with serve(served_dir, device, log, env=server_env) as server:
         ctx = Context(server.url, model, flow, torch_device, sizes, workdir, details, say, wrk)
         steps: list[tuple[str, Callable[[], Figure | list[Figure]]]] = [
             ("check", lambda: case_check(ctx)),
@@ -1051,7 +1054,7 @@ def run_bench(
         if "5" in wants and not fresh_memory_server:
             record(case_memory(ctx, server))
     if "5" in wants and fresh_memory_server:
-        with serve(served_dir, device, log) as fresh:
+        with serve(served_dir, device, log, env=server_env) as fresh:
             ctx = Context(fresh.url, model, flow, torch_device, sizes, workdir, details, say, wrk)
             record(case_memory(ctx, fresh))
     if device == "cuda" and "cuda" in wants:
@@ -1060,13 +1063,14 @@ def run_bench(
             say("bench: the server offers no launch-overhead switch; 'without' skipped")
         else:
             env_name, off = switch
-            with serve(served_dir, device, log, env={env_name: off}) as plain:
+            with serve(served_dir, device, log, env={**(server_env or {}), env_name: off}) as plain:
                 ctx = Context(
                     plain.url, model, flow, torch_device, sizes, workdir, details, say, wrk
                 )
                 record(cuda_figures(ctx, label=f" ({env_name}={off})"))
     return {
         "device": device,
+        "server_env": server_env or {},
         "model": model,
         "model_origin": origin,
         "sizes": dataclasses.asdict(sizes),
@@ -1094,10 +1098,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="FLOW_NAME=VALUE",
+        help="a setting for the servers started (repeatable), e.g. FLOW_TORCH_THREADS=1",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.cases.split(",") if args.cases else ()) - set(ALL_CASES)
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}")
+    if any(not item.startswith("FLOW_") or "=" not in item for item in args.server_env):
+        parser.error("--server-env: expected FLOW_NAME=VALUE")
     if args.model and not args.models_dir:
         parser.error("--model needs --models-dir")
     return args
@@ -1115,6 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model=args.model,
                 workdir=Path(tmp),
                 install=not args.no_install,
+                server_env=dict(item.split("=", 1) for item in args.server_env),
             )
         except NotPostArchitecture as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
