@@ -91,4 +91,7 @@ def _swap_in(staging: Path, out: Path) -> None:
     except BaseException:
         os.replace(retired, out)
         raise
-    shutil.rmtree(retired, ignore_errors=True)
+    if retired.is_dir():
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        retired.unlink()

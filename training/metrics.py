@@ -56,15 +56,18 @@ def path_energy(
     return integrate(recording, x0, num_steps, "euler"), energy
 
 
-def npe(field: Field, x0: torch.Tensor, num_steps: int = 100, chunk: int = 2000) -> float:
-    """Normalised path energy of the Euler paths from x0 (n, d), n a multiple of `chunk`."""
+def npe(field: Field, x0: torch.Tensor, num_steps: int = 100, chunk: int = 2000) -> float | None:
+    """Normalised path energy of the Euler paths from x0 (n, d), n a multiple of `chunk`.
+
+    None (JSON null) when the paths end where they start (W2 = 0) but still move.
+    """
     x1, energy = path_energy(field, x0, num_steps)
     w2_squared = [
         w2(x0[i : i + chunk], x1[i : i + chunk]) ** 2 for i in range(0, len(x0) - chunk + 1, chunk)
     ]
     optimal = sum(w2_squared) / len(w2_squared)
     if optimal == 0.0:
-        return 0.0 if float(energy.mean()) == 0.0 else float("inf")
+        return 0.0 if float(energy.mean()) == 0.0 else None
     return abs(float(energy.mean()) - optimal) / optimal
 
 
@@ -73,7 +76,7 @@ def mode_stats(samples: torch.Tensor, mixture: GaussianMixture) -> list[dict]:
     (Euclidean norm) and covariance (Frobenius norm). samples: (n, d).
 
     Keys: "mean" (the mode's mean), "weight" (its mixture weight), "share", "mean_error",
-    "cov_error" (NaN error figures for a mode with fewer than two samples).
+    "cov_error" (None, JSON null, for a mode with fewer than two samples).
     """
     x = samples.double().cpu()
     nearest = torch.cdist(x, mixture.means).argmin(dim=1)
@@ -84,8 +87,8 @@ def mode_stats(samples: torch.Tensor, mixture: GaussianMixture) -> list[dict]:
             "mean": mixture.means[k].tolist(),
             "weight": float(mixture.weights[k]),
             "share": len(members) / len(x),
-            "mean_error": float("nan"),
-            "cov_error": float("nan"),
+            "mean_error": None,
+            "cov_error": None,
         }
         if len(members) >= 2:
             entry["mean_error"] = float(torch.linalg.norm(members.mean(0) - mixture.means[k]))

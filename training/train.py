@@ -142,6 +142,10 @@ def write_losses(path: Path, losses: list[float]) -> None:
     path.write_text("\n".join(lines) + "\n", "utf-8")
 
 
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def print_quality(quality: dict, out=sys.stdout) -> None:
     print(
         f"W2 {quality['w2']:.4f}  floor {quality['w2_floor']:.4f}  "
@@ -154,7 +158,7 @@ def print_quality(quality: dict, out=sys.stdout) -> None:
         mean = ", ".join(f"{c:g}" for c in mode["mean"])
         print(
             f"mode ({mean})  share {mode['share']:.4f} (weight {mode['weight']:.4f})  "
-            f"mean error {mode['mean_error']:.4f}  cov error {mode['cov_error']:.4f}",
+            f"mean error {_figure(mode['mean_error'])}  cov error {_figure(mode['cov_error'])}",
             file=out,
         )
 
@@ -202,7 +206,10 @@ def run(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quality": quality,
     }
-    title = f"{out.name}: W2/floor {quality['w2_ratio']:.3f} at 100 steps, NPE {quality['npe']:.3f}"
+    title = (
+        f"{out.name}: W2/floor {quality['w2_ratio']:.3f} at 100 Euler steps, "
+        f"NPE {_figure(quality['npe'])}"
+    )
     return write_artifact(
         out,
         network,

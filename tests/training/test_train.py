@@ -76,8 +76,6 @@ def test_absurd_lr_diverges(raw_config):
 
 
 def test_interrupt_leaves_nothing(raw_config, tmp_path, monkeypatch):
-    config = parse_config(raw_config)
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -93,7 +91,6 @@ def test_interrupt_leaves_nothing(raw_config, tmp_path, monkeypatch):
         ]
     )
     assert code == 130 and not (tmp_path / "out").exists()
-    del config
 
 
 def write_json(tmp_path, raw):
@@ -102,52 +99,29 @@ def write_json(tmp_path, raw):
     return path
 
 
-def test_lr_schedule():
-    settings = parse_config(
-        {
-            **_small(),
-            "train": {
-                "batch_size": 2,
-                "steps": 100,
-                "lr": 1.0,
-                "seed": 0,
-                "warmup": 10,
-                "schedule": "cosine",
-                "min_lr_ratio": 0.1,
-            },
-        }
-    ).train
+def settings_with(raw_config, **train):
+    raw_config["train"].update(train)
+    return parse_config(raw_config).train
+
+
+def test_lr_schedule(raw_config):
+    settings = settings_with(
+        raw_config, steps=100, lr=1.0, warmup=10, schedule="cosine", min_lr_ratio=0.1
+    )
     assert lr_factor(0, settings) == pytest.approx(0.1)
     assert lr_factor(9, settings) == pytest.approx(1.0)
     assert lr_factor(10, settings) == pytest.approx(1.0)
     assert lr_factor(55, settings) == pytest.approx(0.55)
     assert lr_factor(100, settings) == pytest.approx(0.1)
+    assert lr_factor(50, settings_with(raw_config, schedule="constant", warmup=0)) == 1.0
 
 
-def test_time_sampling_weights_the_ends():
-    settings = parse_config(
-        {
-            **_small(),
-            "train": {
-                "batch_size": 2,
-                "steps": 1,
-                "lr": 1.0,
-                "seed": 0,
-                "time_sampling": "ends",
-                "ends_weight": 1.0,
-            },
-        }
-    ).train
+def test_time_sampling_weights_the_ends(raw_config):
+    settings = settings_with(raw_config, time_sampling="ends", ends_weight=1.0)
     t = sample_times(100_000, settings, torch.Generator().manual_seed(0))
     assert t.shape == (100_000, 1) and float(t.min()) >= 0 and float(t.max()) <= 1
     # Arcsine law: P(t < 0.1) = (2 / pi) asin(sqrt(0.1)) ~ 0.205, against 0.1 for U[0, 1].
     assert float((t < 0.1).double().mean()) == pytest.approx(0.2048, abs=0.005)
-
-
-def _small():
-    from tests.training.conftest import FOUR_GAUSSIANS
-
-    return {k: v for k, v in FOUR_GAUSSIANS.items() if k != "train"}
 
 
 def test_ot_coupling_improves_two_step_sampling():
