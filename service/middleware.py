@@ -55,7 +55,9 @@ class AccessLog:
         finally:
             duration = time.perf_counter() - start
             path = scope["path"]
-            endpoint = path if path in self.endpoints else "other"
+            # The route's template (/models/{name}) keeps the metric's label set bounded.
+            template = getattr(scope.get("route"), "path", path)
+            endpoint = template if template in self.endpoints else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(duration)
             fields = scope.get("state", {}).get("log_fields", {})
