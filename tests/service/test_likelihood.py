@@ -668,8 +668,11 @@ def test_reference_mean_log_prob_is_the_targets(reference: TestClient) -> None:
 
 
 def test_reference_density_integrates_to_one(reference: TestClient) -> None:
-    """The model density over [-8, 8]^2 by the midpoint rule on a 100 x 100 grid: 1 +- 0.05."""
-    n, h = 100, 16 / 100
+    """The model density over [-8, 8]^2 by the midpoint rule: 1 +- 0.05.
+
+    The grid hardly matters (measured: 1.0332 on 50 x 50, 1.0335 on 100 x 100, 1.0334 on
+    200 x 200); the excess over 1 is Euler's O(1/K) (1.0033 at 1,000 steps)."""
+    n, h = 50, 16 / 50
     centres = -8 + h * (np.arange(n) + 0.5)
     points = np.stack(np.meshgrid(centres, centres), axis=-1).reshape(-1, 2)
     answer = post(reference, "/log_prob", model="four-gaussians", x=points.tolist(), num_steps=100)
