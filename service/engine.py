@@ -449,7 +449,14 @@ class Engine:
             by_lane.setdefault(unit.lane, []).append(unit)
         rows = 0
         for lane, units in by_lane.items():
-            rows += self._advance_lane(lane, units)
+            try:
+                rows += self._advance_lane(lane, units)
+            except Exception as exc:  # only the jobs in the failing lane pay for it
+                log.exception("forward pass failed for model %s", self.model.name)
+                error = EngineError(f"model evaluation failed: {exc}".splitlines()[0])
+                for job in {unit.job for unit in units}:
+                    self._fail(job, error)
+        selected = [unit for unit in selected if not unit.dead]
         stats = self.stats
         stats.passes += 1
         stats.rows_evaluated += rows
@@ -507,22 +514,29 @@ class Engine:
 
         def with_divergence(t, y, block):
             x = y[:, :dim].detach().requires_grad_(True)
+            exact = lane.divergence.method == "exact"
+            columns = 1 if exact else lane.divergence.probes
+            div = torch.zeros(x.shape[0], columns, device=x.device)
             with torch.enable_grad():
                 v = model.autograd_module(t, x)
-                if lane.divergence.method == "exact":
-                    div = torch.zeros(x.shape[0], 1, device=x.device)
-                    for i in range(dim):
-                        (grad,) = torch.autograd.grad(v[:, i].sum(), x, retain_graph=i < dim - 1)
-                        div[:, 0] += grad[:, i]
-                else:
-                    eps = lane.probes(block)
-                    count = eps.shape[1]
-                    div = torch.empty(x.shape[0], count, device=x.device)
-                    for p in range(count):
-                        (grad,) = torch.autograd.grad(
-                            v, x, grad_outputs=eps[:, p], retain_graph=p < count - 1
-                        )
-                        div[:, p] = (grad * eps[:, p]).sum(dim=1)
+            if not v.requires_grad:  # a field that does not depend on x: div v = 0
+                return torch.cat([v, div], dim=1)
+
+            def vjp(outputs, weights, last: bool) -> torch.Tensor:
+                (grad,) = torch.autograd.grad(
+                    outputs, x, grad_outputs=weights, retain_graph=not last, allow_unused=True
+                )
+                return torch.zeros_like(x) if grad is None else grad
+
+            if exact:
+                ones = torch.ones(x.shape[0], device=x.device)
+                for i in range(dim):
+                    div[:, 0] += vjp(v[:, i], ones, i == dim - 1)[:, i]
+            else:
+                eps = lane.probes(block)
+                for p in range(columns):
+                    grad = vjp(v, eps[:, p], p == columns - 1)
+                    div[:, p] = (grad * eps[:, p]).sum(dim=1)
             return torch.cat([v.detach(), div], dim=1)
 
         return with_divergence

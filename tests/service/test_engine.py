@@ -17,6 +17,7 @@ from conftest import PostFlow
 from service.engine import (
     Cancelled,
     DeadlineExceeded,
+    Divergence,
     Engine,
     EngineError,
     EngineStopped,
@@ -323,3 +324,72 @@ def test_block_rows_may_not_exceed_the_batch(field) -> None:
         ValueError, match=r"^block_rows \(9\) must not exceed max_batch_rows \(8\)$"
     ):
         Engine(model, max_batch_rows=8, block_rows=9, max_queue_rows=10)
+
+
+def engine_for(module, autograd_module) -> Engine:
+    source = GaussianMixture.from_spec(
+        {"means": [[0.0] * DIM], "covs": [torch.eye(DIM).tolist()], "weights": [1.0]}
+    )
+    model = LoadedModel(
+        name="m",
+        dim=DIM,
+        source=source,
+        manifest={},
+        module=module,
+        autograd_module=autograd_module,
+        device=torch.device("cpu"),
+    )
+    engine = Engine(model, max_batch_rows=64, block_rows=16, max_queue_rows=10_000)
+    engine.start()
+    return engine
+
+
+def likelihood_job(rows: int, num_steps: int, solver: str = "euler") -> Job:
+    z0 = torch.zeros(rows, DIM + 1)
+    z0[:, :DIM] = points(rows, 3)
+    return Job(
+        z0=z0, solver=solver, num_steps=num_steps, t0=1.0, t1=0.0, divergence=Divergence("exact")
+    )
+
+
+async def test_a_failing_lane_fails_only_its_own_jobs(field) -> None:
+    broken = Gate(field)
+    broken.fail_at = 1
+    engine = engine_for(field, broken)
+    try:
+        plain = asyncio.ensure_future(engine.run(Spec(4, 6).job(0)))
+        with pytest.raises(EngineError, match="field exploded"):
+            await engine.run(likelihood_job(4, 6))
+        check(Spec(4, 6), await plain, field, 0)
+    finally:
+        engine.stop(timeout=WAIT_S)
+
+
+class Drift(torch.nn.Module):
+    """v(t, x) = b t: no dependence on x, so div v = 0 and x0 = x1 - b / 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.b * t
+
+
+class Constant(torch.nn.Module):
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x)
+
+
+@pytest.mark.parametrize(("module", "shift"), [(Drift(), [0.5, -1.0]), (Constant(), [1.0, 1.0])])
+async def test_fields_that_ignore_x_have_zero_divergence(module, shift) -> None:
+    scripted = torch.jit.script(module)
+    engine = engine_for(scripted, scripted)
+    try:
+        job = likelihood_job(5, 4, solver="rk4")
+        x1 = job.z0[:, :DIM].clone()
+        result = await engine.run(job)
+    finally:
+        engine.stop(timeout=WAIT_S)
+    torch.testing.assert_close(result.final[:, :DIM], x1 - torch.tensor(shift))
+    assert torch.equal(result.final[:, DIM], torch.zeros(5))
