@@ -7,8 +7,9 @@
 The server runs in its own process on a free loopback port. The baseline is the reference post's
 Euler sampler (a time column built by `repeat` every step, `torch.cat([x, t])` inside forward, a
 clone of x kept every step, `torch.stack` at the end), re-implemented here and given the served
-model's own weights, run in this process. Every figure is printed beside its baseline, measured in
-the same run, as a ratio:
+model's own weights, run in this process at torch's default thread count and at one thread, the
+faster counting (on a busy machine two threads can spend most of their time in OpenMP barriers).
+Every figure is printed beside its baseline, measured in the same run, as a ratio:
 
 1. one large request (65,536 x 100, .npy over HTTP): samples x steps per second;
 2. one small request (16 x 100): median latency of sequential requests;
