@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,10 +7,12 @@ import pytest
 from training.config import TrainConfig, load_config, parse_config
 from training.datasets import DatasetTarget, MixtureTarget, PointCloudTarget
 
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
+
 
 def test_parses_the_bundled_configs():
     for name in ("four-gaussians", "four-gaussians-ot"):
-        config = load_config(f"training/configs/{name}.json")
+        config = load_config(CONFIGS / f"{name}.json")
         assert config.dim == 2 and isinstance(config.target, MixtureTarget)
         assert (config.model.hidden, config.model.layers, config.model.activation) == (64, 3, "elu")
         assert config.source.to_spec() == {
@@ -17,7 +20,7 @@ def test_parses_the_bundled_configs():
             "covs": [[[0.5, 0.0], [0.0, 0.5]]],
             "weights": [1.0],
         }
-    assert load_config("training/configs/four-gaussians-ot.json").train.coupling == "ot"
+    assert load_config(CONFIGS / "four-gaussians-ot.json").train.coupling == "ot"
 
 
 def test_defaults_and_overrides(raw_config):
