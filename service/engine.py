@@ -145,8 +145,19 @@ class _Lane:
     For Euler the stage input is x itself.
     """
 
-    def __init__(self, tableau: Tableau, m: int, dim: int, divergence: Divergence | None, device):
+    def __init__(
+        self,
+        tableau: Tableau,
+        m: int,
+        dim: int,
+        divergence: Divergence | None,
+        device: torch.device,
+        slope_fn: Callable,
+    ):
         self.tableau = tableau
+        self.slope_fn = slope_fn
+        self._full: torch.Tensor | None = None
+        self._full_columns: tuple[torch.Tensor, ...] = ()
         self.m = m
         self.dim = dim
         self.divergence = divergence
@@ -168,20 +179,8 @@ class _Lane:
         self.a_next = torch.tensor([*tableau.a[1:], 0.0], device=device)
         self.last = torch.tensor([i == stages - 1 for i in range(stages)], device=device)
 
-    # Column views of a block of rows.
-    def x(self, s: torch.Tensor) -> torch.Tensor:
-        return s[:, : self.m]
-
-    def y(self, s: torch.Tensor) -> torch.Tensor:
-        return s[:, self.m : 2 * self.m] if self.multistage else s[:, : self.m]
-
-    def h(self, s: torch.Tensor) -> torch.Tensor:
-        return s[:, self.col_h : self.col_h + 1]
-
-    def probes(self, s: torch.Tensor) -> torch.Tensor:
-        return s[:, self.width - self.probe_cols :].reshape(-1, self.divergence.probes, self.dim)
-
     def append(self, unit: _Unit, z: torch.Tensor, t0: float, h: float, probes) -> None:
+        self._full = None
         needed = self.rows + unit.rows
         if needed > self.state.shape[0]:
             grown = torch.zeros(
@@ -208,6 +207,7 @@ class _Lane:
         alive = [u for u in self.units if not u.dead]
         if len(alive) == len(self.units):
             return
+        self._full = None
         if alive:
             index = torch.from_numpy(
                 np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in alive])
@@ -223,23 +223,26 @@ class _Lane:
         if self.state.shape[0] > 64 and self.rows < self.state.shape[0] // 4:
             self.state = self.state[: max(self.rows * 2, 64)].clone()
 
-    def advance(self, s: torch.Tensor, slope_fn: Callable) -> None:
+    def advance(self, s: torch.Tensor) -> None:
         """One stage for every row of `s` (a block of `state`, updated in place)."""
         m, col = self.m, self.col_h
+        if not self.multistage:
+            if s is self._full:  # the common case: reuse the column views of the whole lane
+                x, h, t0, steps = self._full_columns
+            else:
+                x, h, t0, steps = self._euler_columns(s)
+            t = torch.addcmul(t0, steps, h)
+            x.addcmul_(h, self.slope_fn(t, x, s))
+            steps.add_(1.0)
+            return
         h = s[:, col : col + 1]
         t0 = s[:, col + 1 : col + 2]
         steps = s[:, col + 2 : col + 3]
-        if not self.multistage:
-            x = s[:, :m]
-            t = torch.addcmul(t0, steps, h)
-            x.addcmul_(h, slope_fn(t, x, s))
-            steps.add_(1.0)
-            return
         base, y, acc = s[:, :m], s[:, m : 2 * m], s[:, 2 * m : 3 * m]
         stage_col = s[:, col + 3]
         stage = stage_col.long()
         t = torch.addcmul(t0, steps + self.c[stage].unsqueeze(1), h)
-        slope = slope_fn(t, y, s)
+        slope = self.slope_fn(t, y, s)
         acc.addcmul_(self.b[stage].unsqueeze(1), slope)
         last = self.last[stage].unsqueeze(1)
         new_base = torch.addcmul(base, h, acc)
@@ -249,6 +252,18 @@ class _Lane:
         acc.masked_fill_(last, 0.0)
         steps.add_(last.to(steps.dtype))
         stage_col.copy_(torch.where(last.squeeze(1), 0.0, stage_col + 1))
+
+    def _euler_columns(self, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        col = self.col_h
+        return s[:, : self.m], s[:, col : col + 1], s[:, col + 1 : col + 2], s[:, col + 2 : col + 3]
+
+    def full(self) -> torch.Tensor:
+        """The state of every row of the lane (a view, cached until rows come or go)."""
+        if self._full is None:
+            self._full = self.state[: self.rows]
+            if not self.multistage:
+                self._full_columns = self._euler_columns(self._full)
+        return self._full
 
 
 class Engine:
@@ -263,6 +278,7 @@ class Engine:
         block_rows: int,
         max_queue_rows: int,
         chunk_rows: int | None = None,
+        single_thread_rows: int = 0,
         on_pass: Callable[[int], None] | None = None,
         on_drop: Callable[[str, int], None] | None = None,
     ):
@@ -275,6 +291,8 @@ class Engine:
         self.block_rows = block_rows
         self.max_queue_rows = max_queue_rows
         self.chunk_rows = chunk_rows or max_batch_rows
+        self.single_thread_rows = single_thread_rows
+        self._threads = torch.get_num_threads()
         self.stats = EngineStats()
         self._on_pass = on_pass
         self._on_drop = on_drop
@@ -350,6 +368,7 @@ class Engine:
     # ----------------------------------------------------------------- worker
 
     def _serve(self) -> None:
+        torch.set_grad_enabled(False)  # thread-local: passes that need autograd enable it
         while True:
             with self._cond:
                 while not (self._pending or self._jobs or self._stopping):
@@ -377,8 +396,14 @@ class Engine:
         key = (job.solver, m, job.divergence)
         lane = self._lanes.get(key)
         if lane is None:
+            slope_fn = self._slope_fn(job.divergence)
             lane = _Lane(
-                get_solver(job.solver), m, self.model.dim, job.divergence, self.model.device
+                get_solver(job.solver),
+                m,
+                self.model.dim,
+                job.divergence,
+                self.model.device,
+                slope_fn,
             )
             self._lanes[key] = lane
         return lane
@@ -444,6 +469,11 @@ class Engine:
 
     def _pass(self) -> None:
         selected = self._select()
+        # Small passes run faster on one thread than paying for the others' synchronisation.
+        small = sum(unit.rows for unit in selected) < self.single_thread_rows
+        threads = 1 if small else self._threads
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         by_lane: dict[_Lane, list[_Unit]] = {}
         for unit in selected:
             by_lane.setdefault(unit.lane, []).append(unit)
@@ -476,7 +506,9 @@ class Engine:
     def _advance_lane(self, lane: _Lane, units: list[_Unit]) -> int:
         """One stage for `units`' rows: in place when they are one run of rows of the lane
         (always so when all of it is selected), else gathered and written back."""
-        slope_fn = self._slope_fn(lane)
+        if len(units) == len(lane.units):
+            self._advance_rows(lane, lane.full())
+            return lane.rows
         units = sorted(units, key=lambda u: u.offset)
         start = units[0].offset
         end = start
@@ -485,58 +517,64 @@ class Engine:
                 break
             end += unit.rows
         else:
-            self._advance_rows(lane, lane.state[start:end], slope_fn)
+            self._advance_rows(lane, lane.state[start:end])
             return end - start
         index = torch.from_numpy(
             np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in units])
         ).to(lane.device)
         block = lane.state.index_select(0, index)
-        self._advance_rows(lane, block, slope_fn)
+        self._advance_rows(lane, block)
         lane.state.index_copy_(0, index, block)
         return int(index.shape[0])
 
-    def _advance_rows(self, lane: _Lane, block: torch.Tensor, slope_fn: Callable) -> None:
+    def _advance_rows(self, lane: _Lane, block: torch.Tensor) -> None:
         # Rows are independent: cache-sized chunks keep each layer's activations resident.
         chunk = self.chunk_rows
+        if block.shape[0] <= chunk:
+            lane.advance(block)
+            return
         for first in range(0, block.shape[0], chunk):
-            lane.advance(block[first : first + chunk], slope_fn)
+            lane.advance(block[first : first + chunk])
 
-    def _slope_fn(self, lane: _Lane) -> Callable:
+    def _slope_fn(self, divergence: Divergence | None) -> Callable:
         model = self.model
-        if lane.divergence is None:
+        if divergence is None:
+            # The bound method skips nn.Module's call machinery (a third of a small pass);
+            # grad mode is off for the whole engine thread.
+            forward = model.module.forward if hasattr(model.module, "forward") else model.module
 
             def plain(t, y, _block):
-                with torch.inference_mode():
-                    return model.module(t, y)
+                return forward(t, y)
 
             return plain
         dim = model.dim
 
         def with_divergence(t, y, block):
             x = y[:, :dim].detach().requires_grad_(True)
-            exact = lane.divergence.method == "exact"
-            columns = 1 if exact else lane.divergence.probes
+            exact = divergence.method == "exact"
+            columns = 1 if exact else divergence.probes
             div = torch.zeros(x.shape[0], columns, device=x.device)
             with torch.enable_grad():
                 v = model.autograd_module(t, x)
-            if not v.requires_grad:  # a field that does not depend on x: div v = 0
-                return torch.cat([v, div], dim=1)
+                if not v.requires_grad:  # a field that does not depend on x: div v = 0
+                    return torch.cat([v, div], dim=1)
 
-            def vjp(outputs, weights, last: bool) -> torch.Tensor:
-                (grad,) = torch.autograd.grad(
-                    outputs, x, grad_outputs=weights, retain_graph=not last, allow_unused=True
-                )
-                return torch.zeros_like(x) if grad is None else grad
+                def vjp(outputs, weights, last: bool) -> torch.Tensor:
+                    (grad,) = torch.autograd.grad(
+                        outputs, x, grad_outputs=weights, retain_graph=not last, allow_unused=True
+                    )
+                    return torch.zeros_like(x) if grad is None else grad
 
-            if exact:
-                ones = torch.ones(x.shape[0], device=x.device)
-                for i in range(dim):
-                    div[:, 0] += vjp(v[:, i], ones, i == dim - 1)[:, i]
-            else:
-                eps = lane.probes(block)
-                for p in range(columns):
-                    grad = vjp(v, eps[:, p], p == columns - 1)
-                    div[:, p] = (grad * eps[:, p]).sum(dim=1)
+                if exact:
+                    ones = torch.ones(x.shape[0], device=x.device)
+                    for i in range(dim):
+                        div[:, 0] += vjp(v[:, i], ones, i == dim - 1)[:, i]
+                else:
+                    # The probes ride in the last columns of the lane's state.
+                    eps = block[:, block.shape[1] - columns * dim :].reshape(-1, columns, dim)
+                    for p in range(columns):
+                        grad = vjp(v, eps[:, p], p == columns - 1)
+                        div[:, p] = (grad * eps[:, p]).sum(dim=1)
             return torch.cat([v.detach(), div], dim=1)
 
         return with_divergence
@@ -557,7 +595,7 @@ class Engine:
             ] = rows[:, : self.model.dim]
         if unit.step < job.num_steps:
             return False
-        job.final[unit.job_start : unit.job_start + unit.rows] = lane.x(rows)
+        job.final[unit.job_start : unit.job_start + unit.rows] = rows[:, : lane.m]
         unit.dead = True
         self._units[job].remove(unit)
         job.units_left -= 1

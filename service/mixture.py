@@ -6,6 +6,7 @@ a generator private to one request, and evaluates log p0 for likelihoods. Only t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ class GaussianMixture:
     means: torch.Tensor
     covs: torch.Tensor
     weights: torch.Tensor
+    chol: torch.Tensor = dataclasses.field(init=False, repr=False)  # (k, d, d), computed once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chol", torch.linalg.cholesky(self.covs))
 
     @classmethod
     def from_spec(cls, spec: Any, field: str = "source") -> GaussianMixture:
@@ -96,7 +101,7 @@ class GaussianMixture:
         weights = self.weights.to(device)
         component = torch.multinomial(weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, 1, generator=generator, device=device, dtype=torch.float64)
-        chol = torch.linalg.cholesky(self.covs).to(device)
+        chol = self.chol.to(device)
         points = self.means.to(device)[component] + (chol[component] @ noise).squeeze(-1)
         return points.to(dtype)
 
@@ -104,7 +109,7 @@ class GaussianMixture:
         """log p(x) for x: (n, d); returns (n,) in x's dtype (computed in float64)."""
         x64 = x.to(torch.float64)
         means = self.means.to(x.device)
-        chol = torch.linalg.cholesky(self.covs).to(x.device)
+        chol = self.chol.to(x.device)
         diff = (x64[:, None, :] - means[None]).unsqueeze(-1)  # (n, k, d, 1)
         solved = torch.linalg.solve_triangular(chol[None], diff, upper=False).squeeze(-1)
         mahalanobis = (solved**2).sum(-1)  # (n, k)

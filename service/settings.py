@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     chunk_rows: int = Field(
         4096, ge=1, description="A pass evaluates its rows in chunks of this size (cache reuse)."
     )
+    single_thread_rows: int = Field(
+        1024,
+        ge=0,
+        description="Passes of fewer rows run on one CPU thread (less synchronisation); 0: never.",
+    )
     max_queue_rows: int = Field(
         4_194_304, ge=1, description="Rows admitted (running or waiting); past it 503."
     )
