@@ -73,9 +73,12 @@ class Job:
     integral for likelihood jobs (the field's divergence is their slope). `keep`: step indices
     whose states a trajectory records (None: only the final state). `probes`: (n, P, dim)
     Hutchinson probes. `deadline`: a `time.monotonic()` instant.
+
+    z0 may instead be a function that draws the (rows, width) start state: the engine calls it
+    when it admits the job, on its own thread, so no torch work runs on the event loop.
     """
 
-    z0: torch.Tensor
+    z0: torch.Tensor | Callable[[], torch.Tensor]
     solver: str
     num_steps: int
     t0: float = 0.0
@@ -85,9 +88,9 @@ class Job:
     probes: torch.Tensor | None = None
     deadline: float | None = None
 
-    # Set at creation, then by the engine (which lets go of z0 once the rows are in a lane).
-    rows: int = field(init=False)
-    width: int = field(init=False)
+    # Given with a z0 function, else read off z0. The engine lets go of z0 once it is in a lane.
+    rows: int = 0
+    width: int = 0
     final: torch.Tensor | None = None
     trajectory: torch.Tensor | None = None
     units_left: int = 0
@@ -96,7 +99,8 @@ class Job:
     _loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
-        self.rows, self.width = (int(n) for n in self.z0.shape)
+        if isinstance(self.z0, torch.Tensor):
+            self.rows, self.width = (int(n) for n in self.z0.shape)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the engine to drop this job at its next pass (thread-safe: one attribute write)."""
@@ -105,10 +109,12 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """final: (n, m) end state on the CPU; trajectory: (kept, n, dim) on the CPU, or None."""
+    """final: (n, m) end state on the CPU; trajectory: (kept, n, dim) on the CPU, or None;
+    finite: False when either holds NaN or infinity."""
 
     final: torch.Tensor
     trajectory: torch.Tensor | None
+    finite: bool
 
 
 @dataclass(eq=False)
@@ -412,6 +418,12 @@ class Engine:
         if job.cancel_reason is not None:
             self._fail(job, Cancelled(job.cancel_reason), reason=job.cancel_reason)
             return
+        if not isinstance(job.z0, torch.Tensor):
+            try:
+                job.z0 = job.z0()
+            except Exception as exc:
+                self._fail(job, EngineError(f"drawing start points failed: {exc}"))
+                return
         lane = self._lane(job)
         h = (job.t1 - job.t0) / job.num_steps
         dim = self.model.dim
@@ -612,9 +624,11 @@ class Engine:
 
     def _finish(self, job: Job) -> None:
         self._remove(job)
+        states = job.final if job.trajectory is None else job.trajectory
         result = JobResult(
             final=job.final.cpu(),
             trajectory=job.trajectory.cpu() if job.trajectory is not None else None,
+            finite=bool(torch.isfinite(states).all()),
         )
         job.final = job.trajectory = None
         self.stats.jobs_done += 1

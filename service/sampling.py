@@ -41,6 +41,11 @@ class Answer:
     array: np.ndarray | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the arrays in the answer (what encoding has to copy)."""
+        return sum(v.nbytes for v in self.body.values() if isinstance(v, np.ndarray))
+
 
 def _check_common(
     served: Served, rows: int, num_steps: int, solver: str, settings: Settings, field_name: str
@@ -90,18 +95,18 @@ def _timeout(requested: float | None, settings: Settings) -> float:
     return min(requested or settings.request_timeout_s, settings.request_timeout_s)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     # The body has been read: the next message the server sends is the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel("disconnect")
 
 
 async def execute(
-    served: Served, rows: int, build: Callable[[], Job], timeout_s: float, request: Request
+    served: Served, rows: int, build: Job | Callable[[], Job], timeout_s: float, request: Request
 ) -> JobResult:
-    """Admit `rows`, build the job in a worker thread, run it; map engine errors to HTTP."""
+    """Admit `rows`, run the job (built in a worker thread when `build` is a function, for
+    client-sent points); map engine errors to HTTP. A client that leaves cancels the job."""
     retry = {"Retry-After": str(served.retry_after_s)}
     try:
         release = served.engine.reserve(rows)
@@ -110,24 +115,20 @@ async def execute(
     except EngineStopped as exc:
         raise ApiError(503, str(exc), retry) from None
     try:
-        job = await run_in_threadpool(build)
+        job = build if isinstance(build, Job) else await run_in_threadpool(build)
         job.deadline = time.monotonic() + timeout_s
-        run = asyncio.ensure_future(served.engine.run(job))
-        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
         try:
-            await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return await served.engine.run(job)
         finally:
-            gone.cancel()
-        if not run.done():
-            job.cancel("disconnect")
-            run.cancel()
-            raise ApiError(499, "client closed the connection")
-        return run.result()
+            watcher.cancel()
+    except Cancelled:
+        raise ApiError(499, "client closed the connection") from None
     except DeadlineExceeded:
         raise ApiError(
             504, f"timeout_s: no answer within {timeout_s:g} s; the work was stopped"
         ) from None
-    except (Cancelled, EngineStopped) as exc:
+    except EngineStopped as exc:
         raise ApiError(503, str(exc), retry) from None
     except EngineError as exc:
         raise ApiError(500, str(exc)) from None
@@ -135,15 +136,14 @@ async def execute(
         release()
 
 
-def _check_finite(served: Served, *arrays: torch.Tensor) -> None:
-    for array in arrays:
-        if not torch.isfinite(array).all():
-            served.metrics.nonfinite.labels(served.model.name).inc()
-            raise ApiError(
-                500,
-                f"model {served.model.name} produced non-finite values (NaN or infinity) for this "
-                "request; no data was returned",
-            )
+def _check_finite(served: Served, result: JobResult) -> None:
+    if not result.finite:
+        served.metrics.nonfinite.labels(served.model.name).inc()
+        raise ApiError(
+            500,
+            f"model {served.model.name} produced non-finite values (NaN or infinity) for this "
+            "request; no data was returned",
+        )
 
 
 def _headers(served: Served, **values: Any) -> dict[str, str]:
@@ -179,15 +179,19 @@ async def sample(
     device = served.model.device
 
     def build() -> Job:
-        if req.x0 is not None:
-            z0 = _points(req.x0, served, "x0", settings.max_abs_input)
-        else:
-            z0 = served.model.source.sample(rows, _generator(seed, device), device)
+        z0 = _points(req.x0, served, "x0", settings.max_abs_input)
         return Job(z0=z0, solver=req.solver, num_steps=req.num_steps, keep=keep)
 
+    def draw() -> torch.Tensor:
+        return served.model.source.sample(rows, _generator(seed, device), device)
+
+    if req.x0 is None:
+        build = Job(
+            z0=draw, rows=rows, width=dim, solver=req.solver, num_steps=req.num_steps, keep=keep
+        )
     result = await execute(served, rows, build, _timeout(req.timeout_s, settings), request)
     states = result.trajectory if keep is not None else result.final
-    _check_finite(served, states)
+    _check_finite(served, result)
     served.metrics.samples.labels(served.model.name).inc(rows)
     body: dict[str, Any] = {
         "model": served.model.name,
@@ -222,7 +226,7 @@ async def encode(
         return Job(z0=x, solver=req.solver, num_steps=req.num_steps, t0=1.0, t1=0.0)
 
     result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
-    _check_finite(served, result.final)
+    _check_finite(served, result)
     served.metrics.samples.labels(served.model.name).inc(req.rows)
     latents = result.final.numpy()
     body = {
@@ -304,15 +308,26 @@ async def log_prob(
         )
 
     result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
-    _check_finite(served, result.final)
-    latents = result.final[:, :dim]
-    # Integrating d(I)/dt = div v backward from I(1) = 0 leaves I(0) = -integral_0^1 div v dt.
-    per_probe = -result.final[:, dim:].to(torch.float64)
-    integral = per_probe.mean(dim=1)
-    stderr = None
-    if per_probe.shape[1] > 1:
-        stderr = (per_probe.std(dim=1) / math.sqrt(per_probe.shape[1])).numpy()
-    log_p0 = served.model.source.log_prob(latents.to(torch.float64))
+    _check_finite(served, result)
+
+    def densities() -> dict[str, Any]:
+        latents = result.final[:, :dim]
+        # Integrating d(I)/dt = div v backward from I(1) = 0 leaves I(0) = -integral_0^1 div v.
+        per_probe = -result.final[:, dim:].to(torch.float64)
+        integral = per_probe.mean(dim=1)
+        stderr = None
+        if per_probe.shape[1] > 1:
+            stderr = (per_probe.std(dim=1) / math.sqrt(per_probe.shape[1])).numpy()
+        log_p0 = served.model.source.log_prob(latents.to(torch.float64))
+        return {
+            "log_prob": (log_p0 - integral).numpy(),
+            "log_p0": log_p0.numpy(),
+            "divergence_integral": integral.numpy(),
+            "divergence_stderr": stderr,
+            "latents": latents.numpy(),
+        }
+
+    fields = await run_in_threadpool(densities)
     served.metrics.samples.labels(served.model.name).inc(req.rows)
     body = {
         "model": served.model.name,
@@ -324,11 +339,7 @@ async def log_prob(
         "divergence": method,
         "num_probes": probes,
         "seed": seed,
-        "log_prob": (log_p0 - integral).numpy(),
-        "log_p0": log_p0.numpy(),
-        "divergence_integral": integral.numpy(),
-        "divergence_stderr": stderr,
-        "latents": latents.numpy(),
+        **fields,
     }
     headers = _headers(served, seed=seed, num_steps=req.num_steps, solver=req.solver, nfe=nfe)
     return Answer(body, headers=headers)
