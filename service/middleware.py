@@ -60,19 +60,24 @@ class AccessLog:
             endpoint = template if template in self.endpoints else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(duration)
-            fields = scope.get("state", {}).get("log_fields", {})
-            line = {
-                "method": scope["method"],
-                "path": path,
-                **fields,
-                "status": status,
-                "duration_ms": round(duration * 1000, 2),
-            }
-            try:
-                text = orjson.dumps(line).decode()
-            except TypeError:  # an integer past 64 bits (a huge num_samples): json copes
-                text = json.dumps(line, separators=(",", ":"))
-            access_log.info(text)
+            if access_log.isEnabledFor(logging.INFO):
+                self._log(scope, path, status, duration)
+
+    @staticmethod
+    def _log(scope: Scope, path: str, status: int, duration: float) -> None:
+        fields = scope.get("state", {}).get("log_fields", {})
+        line = {
+            "method": scope["method"],
+            "path": path,
+            **fields,
+            "status": status,
+            "duration_ms": round(duration * 1000, 2),
+        }
+        try:
+            text = orjson.dumps(line).decode()
+        except TypeError:  # an integer past 64 bits (a huge num_samples): json copes
+            text = json.dumps(line, separators=(",", ":"))
+        access_log.info(text)
 
 
 class BearerAuth:

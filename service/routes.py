@@ -28,11 +28,12 @@ from service.schemas import (
 from service.settings import Settings
 
 
-def get_registry(request: Request) -> Registry:
+# Async so FastAPI calls them inline rather than through its thread pool.
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
