@@ -65,7 +65,9 @@ class Settings(BaseSettings):
         2048, ge=1, description="A request's rows advance in blocks of this size."
     )
     chunk_rows: int = Field(
-        4096, ge=1, description="A pass evaluates its rows in chunks of this size (cache reuse)."
+        16_384,
+        ge=1,
+        description="A pass evaluates its rows in chunks of at most this size.",
     )
     single_thread_rows: int = Field(
         1024,
