@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         description="A pass evaluates its rows in chunks of at most this size.",
     )
     single_thread_rows: int = Field(
-        1024,
+        4096,
         ge=0,
         description="Passes of fewer rows run on one CPU thread (less synchronisation); 0: never.",
     )
