@@ -62,6 +62,23 @@ class Gate:
         self.released.set()
 
 
+def loaded_model(module, autograd_module) -> LoadedModel:
+    """A model as the loader would hand it over: `module` for plain passes, `autograd_module`
+    for passes that take the divergence; source N(0, I)."""
+    source = GaussianMixture.from_spec(
+        {"means": [[0.0] * DIM], "covs": [torch.eye(DIM).tolist()], "weights": [1.0]}
+    )
+    return LoadedModel(
+        name="m",
+        dim=DIM,
+        source=source,
+        manifest={},
+        module=module,
+        autograd_module=autograd_module,
+        device=torch.device("cpu"),
+    )
+
+
 @pytest.fixture(scope="module")
 def field() -> torch.jit.ScriptModule:
     torch.manual_seed(0)
@@ -86,20 +103,8 @@ def make_engine(field: torch.jit.ScriptModule) -> Iterator:
         chunk_rows: int | None = None,
     ):
         gate = Gate(field)
-        source = GaussianMixture.from_spec(
-            {"means": [[0.0] * DIM], "covs": [torch.eye(DIM).tolist()], "weights": [1.0]}
-        )
-        model = LoadedModel(
-            name="m",
-            dim=DIM,
-            source=source,
-            manifest={},
-            module=gate,
-            autograd_module=field,
-            device=torch.device("cpu"),
-        )
         engine = Engine(
-            model,
+            loaded_model(gate, field),
             max_batch_rows=max_batch_rows,
             block_rows=block_rows,
             max_queue_rows=max_queue_rows,
@@ -327,19 +332,12 @@ def test_block_rows_may_not_exceed_the_batch(field) -> None:
 
 
 def engine_for(module, autograd_module) -> Engine:
-    source = GaussianMixture.from_spec(
-        {"means": [[0.0] * DIM], "covs": [torch.eye(DIM).tolist()], "weights": [1.0]}
+    engine = Engine(
+        loaded_model(module, autograd_module),
+        max_batch_rows=64,
+        block_rows=16,
+        max_queue_rows=10_000,
     )
-    model = LoadedModel(
-        name="m",
-        dim=DIM,
-        source=source,
-        manifest={},
-        module=module,
-        autograd_module=autograd_module,
-        device=torch.device("cpu"),
-    )
-    engine = Engine(model, max_batch_rows=64, block_rows=16, max_queue_rows=10_000)
     engine.start()
     return engine
 
