@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import signal
 import sys
@@ -35,6 +37,33 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest on 64-bit systems
+TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks for reuse instead of handing them back to the OS.
+
+    Every forward pass allocates and frees activations of a few MB. By default glibc serves
+    those with fresh mappings or trims them off its heap at once (madvise), so each pass pays
+    page faults again: the 65,536 x 100 benchmark request took 3.8 s that way and 2.3 s with both
+    thresholds raised (either one alone is slower still, as setting one turns off glibc's
+    adaptive threshold). The price: up to TRIM_THRESHOLD_BYTES of freed memory stays resident.
+    Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -53,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn drains in-flight requests on SIGTERM, then raises the signal again under the handler
     # it found at start; with the default action that kills the process (-15) after a clean stop.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

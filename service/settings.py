@@ -92,6 +92,10 @@ class Settings(BaseSettings):
         description="Rewrites of loaded graphs (service.fastpath), each checked on a probe; "
         "JSON list, [] for none.",
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="python -m service: glibc keeps freed memory for reuse (faster large passes).",
+    )
     warmup_passes: int = Field(3, ge=0, description="Forward passes per model before ready.")
 
     @model_validator(mode="after")
