@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from service.fastpath import optimize
+from service.server import keep_freed_memory
 
 VARIANTS = {
     "as loaded": (),
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as python -m service does: allocation churn would swamp the rewrites
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     dim = manifest["dim"]
     loaded = torch.jit.load(str(args.model_dir / "model.pt")).eval()

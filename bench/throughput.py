@@ -51,6 +51,8 @@ import httpx
 import numpy as np
 import torch
 
+from service.server import keep_freed_memory
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = "four-gaussians"
 NPY = "application/x-npy"
@@ -1018,6 +1020,10 @@ def run_bench(
     served_dir, model, origin = prepare_models(workdir, models_dir, model)
     flow = load_post_flow(served_dir / model / "model.pt", torch_device)
     say(f"bench: model {model} ({origin}) on {device}; torch threads {torch.get_num_threads()}")
+    # The server keeps freed memory for reuse (service.server.keep_freed_memory); the baseline
+    # gets the same allocator so the ratios compare samplers, not malloc settings.
+    same_allocator = keep_freed_memory()
+    say(f"bench: baseline allocator keeps freed memory like the server: {same_allocator}")
     wants = set(default_cases(device) if cases is None else cases)
     wrk = find_wrk(install, say) if "3" in wants else None
     if "3" in wants:

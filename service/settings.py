@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         None, ge=1, description="Intra-op CPU threads; unset keeps torch's default."
     )
     graph_rewrites: tuple[Literal["freeze", "elu", "time_fold"], ...] = Field(
-        ("freeze", "time_fold"),
+        ("freeze",),
         description="Rewrites of loaded graphs (service.fastpath), each checked on a probe; "
         "JSON list, [] for none.",
     )
