@@ -3,7 +3,7 @@
     .venv/bin/python bench/likelihood.py                       # the bundled four-gaussians
     .venv/bin/python bench/likelihood.py --url http://127.0.0.1:8000 --grid 100
 
-Measures, at --num-steps steps (default 100 Euler steps, the issue's bars; --solver changes the
+Measures, at --num-steps steps (default 100 Euler steps, the targets; --solver changes the
 KL and mass figures' solver):
 - KL(target || model): the mean over fresh target samples of log p_target - log p_model (the
   model's from /log_prob); also the mean model log-density against the target's own.
