@@ -161,6 +161,7 @@ class _Lane:
         slope_fn: Callable,
     ):
         self.tableau = tableau
+        self.stages = tableau.stages
         self.slope_fn = slope_fn
         self._full: torch.Tensor | None = None
         self._full_columns: tuple[torch.Tensor, ...] = ()
@@ -592,22 +593,27 @@ class Engine:
         return with_divergence
 
     def _after_stage(self, unit: _Unit) -> bool:
-        """Mirror one stage in the unit's bookkeeping; record kept states; True when it finished."""
+        """Mirror one stage in the unit's bookkeeping; record kept states; True when it finished.
+
+        Runs for every unit of every pass, so tensors are touched only when a state is kept."""
         unit.stage += 1
-        if unit.stage < unit.lane.tableau.stages:
+        if unit.stage < unit.lane.stages:
             return False
         unit.stage = 0
         unit.step += 1
         job = unit.job
+        keep = unit.keep_index is not None and unit.step in unit.keep_index
+        done = unit.step >= job.num_steps
+        if not (keep or done):
+            return False
         lane = unit.lane
         rows = lane.state[unit.offset : unit.offset + unit.rows]
-        if unit.keep_index is not None and unit.step in unit.keep_index:
-            job.trajectory[
-                unit.keep_index[unit.step], unit.job_start : unit.job_start + unit.rows
-            ] = rows[:, : self.model.dim]
-        if unit.step < job.num_steps:
+        first, last = unit.job_start, unit.job_start + unit.rows
+        if keep:
+            job.trajectory[unit.keep_index[unit.step], first:last] = rows[:, : self.model.dim]
+        if not done:
             return False
-        job.final[unit.job_start : unit.job_start + unit.rows] = rows[:, : lane.m]
+        job.final[first:last] = rows[:, : lane.m]
         unit.dead = True
         self._units[job].remove(unit)
         job.units_left -= 1
