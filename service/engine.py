@@ -160,14 +160,11 @@ class _Lane:
         device: torch.device,
         slope_fn: Callable,
     ):
-        self.tableau = tableau
         self.stages = tableau.stages
         self.slope_fn = slope_fn
         self._full: torch.Tensor | None = None
         self._full_columns: tuple[torch.Tensor, ...] = ()
         self.m = m
-        self.dim = dim
-        self.divergence = divergence
         self.multistage = tableau.stages > 1
         width = 3 * m + 4 if self.multistage else m + 3
         self.col_h = width - (4 if self.multistage else 3)
