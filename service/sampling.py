@@ -110,9 +110,7 @@ async def execute(
     retry = {"Retry-After": str(served.retry_after_s)}
     try:
         release = served.engine.reserve(rows)
-    except QueueFull as exc:
-        raise ApiError(503, str(exc), retry) from None
-    except EngineStopped as exc:
+    except (QueueFull, EngineStopped) as exc:
         raise ApiError(503, str(exc), retry) from None
     try:
         job = build if isinstance(build, Job) else await run_in_threadpool(build)
