@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import io
-import itertools
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,42 +39,12 @@ import httpx
 import numpy as np
 import torch
 
+from bench.throughput import free_port, write_post_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIM = 2
 MODEL = "soak"
 MAX_RSS_GROWTH = 0.05
-
-
-class Flow(torch.nn.Module):
-    """The reference post's network shape: an ELU MLP on cat([x, t])."""
-
-    def __init__(self, dim: int = DIM, hidden: int = 64, layers: int = 3) -> None:
-        super().__init__()
-        sizes = [dim + 1] + [hidden] * layers
-        blocks: list[torch.nn.Module] = []
-        for fan_in, fan_out in itertools.pairwise(sizes):
-            blocks += [torch.nn.Linear(fan_in, fan_out), torch.nn.ELU()]
-        blocks.append(torch.nn.Linear(hidden, dim))
-        self.net = torch.nn.Sequential(*blocks)
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, t], dim=-1))
-
-
-def write_model(root: Path) -> Path:
-    folder = root / MODEL
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(Flow().eval()), str(folder / "model.pt"))
-    manifest = {
-        "format": 1,
-        "name": MODEL,
-        "dim": DIM,
-        "source": {"means": [[0.0] * DIM], "covs": [[[0.5, 0.0], [0.0, 0.5]]], "weights": [1.0]},
-        "sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
 
 
 def euler(module, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -242,12 +209,6 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(models_dir: Path, log: Path):
     port = free_port()
@@ -294,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="flowserve-soak-") as tmp:
         root = Path(tmp)
-        write_model(root / "models")
+        write_post_model(root / "models", MODEL, dim=DIM)
         module = torch.jit.load(str(root / "models" / MODEL / "model.pt")).eval()
         with server(root / "models", root / "server.log") as (url, process):
             started = time.perf_counter()
