@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -67,13 +68,27 @@ def _npy_doc(shape: str) -> dict[int | str, dict[str, Any]]:
 router = APIRouter()
 
 
-def _note(request: Request, served: sampling.Served | None, **fields: Any) -> None:
-    """Fields for the request's log line."""
-    request.state.log_fields = {"model": served.model.name if served else None, **fields}
-
-
 INLINE_ENCODE_BYTES = 64 * 1024
 """Answers up to this size are encoded on the event loop: microseconds, less than a thread hop."""
+
+
+async def _answer(
+    verb: Callable[..., Awaitable[sampling.Answer]],
+    req: SampleRequest | EncodeRequest,
+    request: Request,
+    registry: Registry,
+    settings: Settings,
+    accept: str | None,
+) -> Response:
+    """The path every POST takes: find the model, note the log fields, do the work, encode."""
+    served = registry.get(req.model)
+    request.state.log_fields = {
+        "model": served.model.name,
+        "num_samples": req.rows,
+        "num_steps": req.num_steps,
+        "solver": req.solver,
+    }
+    return await _encode(await verb(served, req, settings, request), accept)
 
 
 async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
@@ -99,9 +114,7 @@ async def sample(
     settings: SettingsDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    served = registry.get(req.model)
-    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
-    return await _encode(await sampling.sample(served, req, settings, request), accept)
+    return await _answer(sampling.sample, req, request, registry, settings, accept)
 
 
 @router.post(
@@ -117,9 +130,7 @@ async def trajectory(
     settings: SettingsDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    served = registry.get(req.model)
-    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
-    return await _encode(await sampling.sample(served, req, settings, request), accept)
+    return await _answer(sampling.sample, req, request, registry, settings, accept)
 
 
 @router.post(
@@ -135,9 +146,7 @@ async def encode(
     settings: SettingsDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    served = registry.get(req.model)
-    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
-    return await _encode(await sampling.encode(served, req, settings, request), accept)
+    return await _answer(sampling.encode, req, request, registry, settings, accept)
 
 
 @router.post(
@@ -149,9 +158,7 @@ async def encode(
 async def log_prob(
     req: LogProbRequest, request: Request, registry: RegistryDep, settings: SettingsDep
 ) -> Response:
-    served = registry.get(req.model)
-    _note(request, served, num_samples=req.rows, num_steps=req.num_steps, solver=req.solver)
-    return await _encode(await sampling.log_prob(served, req, settings, request), None)
+    return await _answer(sampling.log_prob, req, request, registry, settings, None)
 
 
 @router.get("/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
