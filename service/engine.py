@@ -283,6 +283,7 @@ class Engine:
         max_queue_rows: int,
         chunk_rows: int | None = None,
         single_thread_rows: int = 0,
+        fused_min_rows: int = 0,
         on_pass: Callable[[int], None] | None = None,
         on_drop: Callable[[str, int], None] | None = None,
     ):
@@ -296,6 +297,7 @@ class Engine:
         self.max_queue_rows = max_queue_rows
         self.chunk_rows = chunk_rows or max_batch_rows
         self.single_thread_rows = single_thread_rows
+        self.fused_min_rows = fused_min_rows
         self._threads = torch.get_num_threads()
         self.stats = EngineStats()
         self._on_pass = on_pass
@@ -551,12 +553,20 @@ class Engine:
         if divergence is None:
             # The bound method skips nn.Module's call machinery (a third of a small pass);
             # grad mode is off for the whole engine thread.
-            forward = model.module.forward if hasattr(model.module, "forward") else model.module
+            forward = _bound_forward(model.module)
+            if model.unfused_module is None:
 
-            def plain(t, y, _block):
-                return forward(t, y)
+                def plain(t, y, _block):
+                    return forward(t, y)
 
-            return plain
+                return plain
+            unfused = _bound_forward(model.unfused_module)
+            min_rows = self.fused_min_rows
+
+            def by_size(t, y, _block):
+                return (forward if y.shape[0] >= min_rows else unfused)(t, y)
+
+            return by_size
         dim = model.dim
 
         def with_divergence(t, y, block):
@@ -564,7 +574,9 @@ class Engine:
             exact = divergence.method == "exact"
             columns = 1 if exact else divergence.probes
             div = torch.zeros(x.shape[0], columns, device=x.device)
-            with torch.enable_grad():
+            # Op by op, without the executor's differentiable plans: with the process-wide
+            # oneDNN fuser on, those fail to run (a TorchScript fault, not the model's).
+            with torch.enable_grad(), torch.jit.optimized_execution(False):
                 v = model.autograd_module(t, x)
                 if not v.requires_grad:  # a field that does not depend on x: div v = 0
                     return torch.cat([v, div], dim=1)
@@ -666,3 +678,7 @@ class Engine:
 
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             loop.call_soon_threadsafe(settle)
+
+
+def _bound_forward(module: Callable) -> Callable:
+    return module.forward if hasattr(module, "forward") else module

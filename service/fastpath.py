@@ -12,6 +12,14 @@ elsewhere benefit too:
   skips building the concatenated input on every pass. For low-dimensional x the saved copy is
   small against the extra elementwise pass, so it is off by default too.
 
+- `onednn`: runs the graph through PyTorch's oneDNN Graph fuser on CPU, which hands chains such
+  as linear -> bias -> elu to oneDNN as one fused kernel (its own vectorised exp, no round trip
+  through memory between the matmul and the activation). On the 3 x 64 ELU network this makes a
+  pass 1.6-1.9x faster from 1,000 rows up. The switch is process-wide (`torch.jit` offers no
+  per-module one): it is turned on by the first model that passes the check, and a model whose
+  output it would change turns it off again for the models loaded after it. It applies only
+  when the fuser found something to fuse, and never on CUDA.
+
 Every rewrite is applied to a copy and checked against the graph as loaded on a probe input; one
 that fails or changes the output beyond float32 noise is dropped and logged, and the next one is
 tried on the last good graph.
@@ -21,13 +29,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger("flowserve.fastpath")
 
-REWRITES = ("freeze", "elu", "time_fold")
-DEFAULT_REWRITES = ("freeze",)
+REWRITES = ("freeze", "elu", "time_fold", "onednn")
+DEFAULT_REWRITES = ("freeze", "onednn")
+FUSION_GROUP = "prim::oneDNNFusionGroup"
+# Rows of the probes the fused graph is checked on: oneDNN picks its kernel by row count, so a
+# small and a blocked size are both tried.
+FUSION_PROBE_ROWS = (257, 4099)
 ATOL = 1e-5
 RTOL = 1e-4
 
@@ -112,31 +125,45 @@ _GRAPH_REWRITES: dict[str, Callable[[torch._C.Graph, int], bool]] = {
 }
 
 
+class Optimized(NamedTuple):
+    """What `optimize` chose for a model.
+
+    module: the fastest verified graph. unfused: the same graph with plans built without the
+    oneDNN fuser, or None when `module` is not fused; the fused kernels cost a few tens of
+    microseconds more per call, so passes of a few rows are faster on this one.
+    """
+
+    module: torch.jit.ScriptModule
+    applied: list[str]
+    unfused: torch.jit.ScriptModule | None = None
+
+
 def optimize(
     module: torch.jit.ScriptModule,
     dim: int,
     device: torch.device,
     rewrites: tuple[str, ...] = DEFAULT_REWRITES,
-) -> tuple[torch.jit.ScriptModule, list[str]]:
-    """Return (the fastest verified equivalent of `module`, names of the rewrites applied)."""
+) -> Optimized:
+    """Return the fastest verified equivalent of `module` and the names of the rewrites applied.
+
+    Call it before any engine runs: the oneDNN check flips torch's process-wide fuser switch.
+    """
     if "freeze" not in rewrites:
-        return module, []
+        return Optimized(module, [])
     try:
         best = torch.jit.freeze(module.eval())
     except Exception as exc:  # a module freeze cannot handle is still served as it is
         log.warning("graph rewrites skipped: freeze failed: %s", str(exc).splitlines()[0])
-        return module, []
+        return Optimized(module, [])
     if not _agrees(module, best, dim, device):
         log.warning("graph rewrites skipped: the frozen graph differs from the loaded one")
-        return module, []
+        return Optimized(module, [])
     applied = ["freeze"]
     for name in rewrites:
-        if name == "freeze":
+        if name not in _GRAPH_REWRITES:
             continue
-        candidate = torch.jit.freeze(module.eval())
+        candidate = _rewritten(module, dim, applied)
         try:
-            for done in applied[1:]:
-                _GRAPH_REWRITES[done](candidate.graph, dim)
             changed = _GRAPH_REWRITES[name](candidate.graph, dim)
         except Exception as exc:
             log.warning("graph rewrite %s skipped: %s", name, str(exc).splitlines()[0])
@@ -148,7 +175,56 @@ def optimize(
             continue
         best = candidate
         applied.append(name)
-    return best, applied
+    if "onednn" not in rewrites or device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return Optimized(best, applied)
+    # Plans are built on a graph's first calls and kept, so each copy gets its plan built
+    # under the switch it is meant to run with, and `best` (whose plan may be either) is dropped.
+    was_on = torch._C._jit_llga_enabled()
+    probes = [_probe(rows, dim, device) for rows in FUSION_PROBE_ROWS]
+    torch.jit.enable_onednn_fusion(False)
+    unfused = _rewritten(module, dim, applied)
+    expected = [_run_until_planned(unfused, t, x)[0] for t, x in probes]
+    torch.jit.enable_onednn_fusion(True)
+    fused = _rewritten(module, dim, applied)
+    try:
+        runs = [_run_until_planned(fused, t, x) for t, x in probes]
+    except Exception as exc:
+        log.warning("graph rewrite onednn skipped: %s", str(exc).splitlines()[0])
+        runs = []
+    if not runs or not all(planned for _, planned in runs):  # nothing the fuser could take
+        torch.jit.enable_onednn_fusion(was_on)
+        return Optimized(unfused, applied)
+    if not all(_close(got, want) for (got, _), want in zip(runs, expected, strict=True)):
+        log.warning(
+            "graph rewrite onednn skipped: output differs from the unfused graph; "
+            "the fuser stays off for models loaded from now on"
+        )
+        torch.jit.enable_onednn_fusion(False)
+        return Optimized(unfused, applied)
+    return Optimized(fused, [*applied, "onednn"], unfused)
+
+
+def _rewritten(
+    module: torch.jit.ScriptModule, dim: int, applied: list[str]
+) -> torch.jit.ScriptModule:
+    """A fresh frozen copy of `module` (its own graph executor) with `applied` rewrites done."""
+    candidate = torch.jit.freeze(module.eval())
+    for done in applied[1:]:
+        _GRAPH_REWRITES[done](candidate.graph, dim)
+    return candidate
+
+
+def _run_until_planned(
+    module: torch.jit.ScriptModule, t: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """(output of the optimised plan, whether that plan holds oneDNN fusion groups).
+
+    The profiling executor runs a graph's first call as is and builds its plan on the next.
+    """
+    with torch.no_grad():
+        for _ in range(3):
+            out = module(t, x)
+    return out, FUSION_GROUP in str(torch.jit.last_executed_optimized_graph())
 
 
 def _agrees(
@@ -158,13 +234,23 @@ def _agrees(
     device: torch.device,
     rows: int = 257,
 ) -> bool:
-    generator = torch.Generator().manual_seed(1)
-    t = torch.rand(rows, 1, generator=generator).to(device)
-    x = (3 * torch.randn(rows, dim, generator=generator)).to(device)
-    with torch.inference_mode():
+    t, x = _probe(rows, dim, device)
+    with torch.no_grad():
         expected = reference(t, x)
         try:
             got = candidate(t, x)
         except Exception:
             return False
+    return _close(got, expected)
+
+
+def _probe(rows: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """t: (rows, 1) in [0, 1), x: (rows, dim) spread wider than the source, seeded."""
+    generator = torch.Generator().manual_seed(1)
+    t = torch.rand(rows, 1, generator=generator).to(device)
+    x = (3 * torch.randn(rows, dim, generator=generator)).to(device)
+    return t, x
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
     return got.shape == expected.shape and torch.allclose(got, expected, rtol=RTOL, atol=ATOL)

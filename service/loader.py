@@ -32,7 +32,8 @@ class ModelRefused(Exception):
 @dataclass(eq=False)
 class LoadedModel:
     """A servable model. `module` is the (possibly optimised) graph for plain passes;
-    `autograd_module` the graph as loaded, for passes that differentiate through it."""
+    `unfused_module` the same graph without the oneDNN fuser, for small passes, when `module` is
+    fused; `autograd_module` the graph as loaded, for passes that differentiate through it."""
 
     name: str
     dim: int
@@ -42,6 +43,7 @@ class LoadedModel:
     autograd_module: torch.jit.ScriptModule
     device: torch.device
     optimizations: list[str] = field(default_factory=list)
+    unfused_module: torch.jit.ScriptModule | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -108,16 +110,17 @@ def load_model(
         ) from None
     module.eval()
     probe(module, dim, device)
-    fast, applied = optimize(module, dim, device, rewrites)
+    fast = optimize(module, dim, device, rewrites)
     return LoadedModel(
         name=manifest["name"],
         dim=dim,
         source=source,
         manifest=manifest,
-        module=fast,
+        module=fast.module,
         autograd_module=module,
         device=device,
-        optimizations=applied,
+        optimizations=fast.applied,
+        unfused_module=fast.unfused,
     )
 
 
@@ -143,7 +146,7 @@ def warm_up(model: LoadedModel, passes: int, rows: int) -> None:
     """Run a few forward passes so the first request does not pay for lazy initialisation."""
     t = torch.full((rows, 1), 0.5, device=model.device)
     x = torch.zeros(rows, model.dim, device=model.device)
-    with torch.inference_mode():
+    with torch.no_grad():  # the engine's mode: plans are built for the tensors it passes
         for _ in range(passes):
             model.module(t, x)
 

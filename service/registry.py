@@ -61,6 +61,7 @@ class Registry:
                 max_queue_rows=settings.max_queue_rows,
                 chunk_rows=settings.chunk_rows,
                 single_thread_rows=settings.single_thread_rows,
+                fused_min_rows=settings.fused_min_rows,
                 on_pass=self.metrics.pass_rows.labels(name).observe,
                 on_drop=lambda reason, rows, name=name: self.metrics.rows_dropped.labels(
                     name, reason

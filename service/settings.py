@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Passes of fewer rows run on one CPU thread (less synchronisation); 0: never.",
     )
+    fused_min_rows: int = Field(
+        128,
+        ge=0,
+        description="With the onednn rewrite, passes of fewer rows run the unfused graph "
+        "(fused kernels cost more per call than they save on a few rows).",
+    )
     max_queue_rows: int = Field(
         4_194_304, ge=1, description="Rows admitted (running or waiting); past it 503."
     )
@@ -87,8 +93,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op CPU threads; unset keeps torch's default."
     )
-    graph_rewrites: tuple[Literal["freeze", "elu", "time_fold"], ...] = Field(
-        ("freeze",),
+    graph_rewrites: tuple[Literal["freeze", "elu", "time_fold", "onednn"], ...] = Field(
+        ("freeze", "onednn"),
         description="Rewrites of loaded graphs (service.fastpath), each checked on a probe; "
         "JSON list, [] for none.",
     )

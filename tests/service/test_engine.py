@@ -218,6 +218,24 @@ async def test_batched_equals_solo_with_jobs_joining_mid_flight(
     assert engine.queued_jobs == 0
 
 
+@pytest.mark.parametrize(("rows", "fused_calls"), [(9, 0), (10, 5), (32, 5)])
+async def test_passes_under_fused_min_rows_run_the_unfused_graph(
+    field, rows: int, fused_calls: int
+) -> None:
+    fused, unfused = Gate(field), Gate(field)
+    model = loaded_model(fused, field)
+    model.unfused_module = unfused
+    engine = Engine(model, max_batch_rows=64, block_rows=64, max_queue_rows=1000, fused_min_rows=10)
+    engine.start()
+    try:
+        spec = Spec(rows, 5)
+        result = await engine.run(spec.job(0))
+    finally:
+        engine.stop(timeout=WAIT_S)
+    assert (fused.calls, unfused.calls) == (fused_calls, 5 - fused_calls)
+    check(spec, result, field, 0)
+
+
 async def test_a_small_job_is_not_stuck_behind_a_large_one(make_engine, field) -> None:
     # Jobs still in the engine as each pass ends, seen on the engine thread: the event loop
     # may wake long after a job is done, while the engine runs on.

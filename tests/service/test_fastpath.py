@@ -29,8 +29,27 @@ class TimeFirst(torch.nn.Module):
 
 
 class NoConcat(torch.nn.Module):
+    """No concatenation, no elu, and nothing oneDNN fuses (it has no sine)."""
+
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x) * t
+        return torch.sin(x) * t
+
+
+@pytest.fixture(autouse=True)
+def restore_fuser_switch():
+    """The oneDNN fuser switch is process-wide: leave it as each test found it."""
+    was_on = torch._C._jit_llga_enabled()
+    yield
+    torch.jit.enable_onednn_fusion(was_on)
+
+
+def fused_groups(module, dim: int, rows: int) -> int:
+    """Fusion groups in the plan `module` runs for `rows` rows (after its profiling call)."""
+    t, x = torch.rand(rows, 1), torch.randn(rows, dim)
+    with torch.no_grad():
+        for _ in range(3):
+            module(t, x)
+    return str(torch.jit.last_executed_optimized_graph()).count(f"{fastpath.FUSION_GROUP}_")
 
 
 def outputs(module, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +64,19 @@ def outputs(module, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     ("module", "dim"), [(PostFlow(2), 2), (PostFlow(5, hidden=16, layers=2), 5), (TimeFirst(), 3)]
 )
 @pytest.mark.parametrize(
-    "rewrites", [("freeze",), ("freeze", "elu"), ("freeze", "time_fold"), fastpath.REWRITES]
+    "rewrites",
+    [
+        ("freeze",),
+        ("freeze", "elu"),
+        ("freeze", "time_fold"),
+        ("freeze", "onednn"),
+        fastpath.REWRITES,
+    ],
 )
 def test_each_rewrite_applies_and_keeps_the_numbers(module, dim, rewrites) -> None:
     torch.manual_seed(0)
     loaded = torch.jit.script(module.eval())
-    fast, applied = optimize(loaded, dim, CPU, rewrites)
+    fast, applied, _ = optimize(loaded, dim, CPU, rewrites)
     assert applied == list(rewrites)
     graph = str(fast.graph)
     assert ("aten::elu" in graph) == ("elu" not in rewrites)
@@ -61,7 +87,7 @@ def test_each_rewrite_applies_and_keeps_the_numbers(module, dim, rewrites) -> No
 
 
 def test_rewrites_that_find_nothing_to_do_are_not_reported() -> None:
-    _, applied = optimize(torch.jit.script(NoConcat()), 2, CPU, fastpath.REWRITES)
+    _, applied, _ = optimize(torch.jit.script(NoConcat()), 2, CPU, fastpath.REWRITES)
     assert applied == ["freeze"]
 
 
@@ -75,7 +101,54 @@ def test_a_rewrite_that_changes_the_numbers_is_dropped(monkeypatch, caplog) -> N
     monkeypatch.setitem(fastpath._GRAPH_REWRITES, "elu", wrong)
     loaded = torch.jit.script(PostFlow(2).eval())
     with caplog.at_level(logging.WARNING, logger="flowserve.fastpath"):
-        fast, applied = optimize(loaded, 2, CPU, fastpath.REWRITES)
-    assert applied == ["freeze", "time_fold"]
+        fast, applied, _ = optimize(loaded, 2, CPU, fastpath.REWRITES)
+    assert applied == ["freeze", "time_fold", "onednn"]
     assert "graph rewrite elu skipped: output differs from the loaded graph" in caplog.text
     assert "aten::elu" in str(fast.graph)
+
+
+def test_onednn_fuses_the_graph_and_keeps_an_unfused_copy_for_small_passes() -> None:
+    torch.manual_seed(0)
+    loaded = torch.jit.script(PostFlow(2).eval())
+    fast, applied, unfused = optimize(loaded, 2, CPU, ("freeze", "onednn"))
+    assert applied == ["freeze", "onednn"]
+    assert torch._C._jit_llga_enabled()
+    # linear+elu three times, and the last linear; the concatenation may form one more group
+    assert fused_groups(fast, 2, 300) >= 4
+    assert fused_groups(unfused, 2, 300) == 0
+    expected, _ = outputs(loaded, 2)
+    torch.testing.assert_close(outputs(unfused, 2)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(fast, 2)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_is_not_reported_when_the_fuser_finds_nothing() -> None:
+    torch.jit.enable_onednn_fusion(False)
+    fast, applied, unfused = optimize(torch.jit.script(NoConcat()), 2, CPU, ("freeze", "onednn"))
+    assert applied == ["freeze"]
+    assert unfused is None
+    assert not torch._C._jit_llga_enabled()
+    assert fused_groups(fast, 2, 300) == 0
+
+
+def test_a_fused_graph_that_changes_the_numbers_is_dropped(monkeypatch, caplog) -> None:
+    # oneDNN's kernels round differently from ATen's in the last bits: with no tolerance at
+    # all, the fused graph no longer counts as equal and must be refused.
+    monkeypatch.setattr(fastpath, "RTOL", 0.0)
+    monkeypatch.setattr(fastpath, "ATOL", 0.0)
+    loaded = torch.jit.script(PostFlow(2).eval())
+    with caplog.at_level(logging.WARNING, logger="flowserve.fastpath"):
+        fast, applied, unfused = optimize(loaded, 2, CPU, ("freeze", "onednn"))
+    assert applied == ["freeze"]
+    assert unfused is None
+    assert "graph rewrite onednn skipped: output differs from the unfused graph" in caplog.text
+    assert not torch._C._jit_llga_enabled()
+    assert fused_groups(fast, 2, 300) == 0
+
+
+def test_onednn_is_left_alone_on_cuda_and_without_mkldnn(monkeypatch) -> None:
+    torch.jit.enable_onednn_fusion(False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    _, applied, unfused = optimize(torch.jit.script(PostFlow(2).eval()), 2, CPU)
+    assert applied == ["freeze"]
+    assert unfused is None
+    assert not torch._C._jit_llga_enabled()

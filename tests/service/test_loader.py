@@ -13,6 +13,9 @@ import torch
 from conftest import write_model_dir, write_module_dir
 
 from service.loader import ModelRefused, load_model, load_models
+from training.network import VelocityMLP
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CPU = torch.device("cpu")
 
@@ -59,6 +62,20 @@ def test_a_good_folder_loads(tmp_path: Path) -> None:
     t, x = torch.rand(4, 1), torch.randn(4, 3)
     torch.testing.assert_close(model.module(t, x), 0.5 * x)
     torch.testing.assert_close(model.autograd_module(t, x), 0.5 * x)
+
+
+def test_the_bundled_model_is_served_fused_with_an_unfused_copy() -> None:
+    model = load_model(REPO_ROOT / "models" / "four-gaussians", CPU)
+    assert model.optimizations == ["freeze", "onednn"]
+    assert model.unfused_module is not None
+    # Eager PyTorch with the same weights: ATen's kernels, as the unfused graph runs them.
+    eager = VelocityMLP(2, hidden=64, layers=3).eval()
+    eager.load_state_dict(model.autograd_module.state_dict())
+    t, x = torch.rand(300, 1), 3 * torch.randn(300, 2)
+    with torch.no_grad():
+        expected = eager(t, x)
+        torch.testing.assert_close(model.module(t, x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.unfused_module(t, x), expected, rtol=0, atol=0)
 
 
 def test_optimisation_can_be_turned_off(tmp_path: Path) -> None:

@@ -749,10 +749,14 @@ async def test_concurrent_requests_are_batched_and_answer_as_alone(models_dir: P
         requests = concurrent_requests()
         together = await asyncio.gather(*(http.post(p, json=b) for p, b in requests))
         alone = [await http.post(p, json=b) for p, b in requests]
+        again = [await http.post(p, json=b) for p, b in requests]
         stats = app.state.registry.served["post"].engine.stats
-    for (path, _), a, b in zip(requests, together, alone, strict=True):
-        assert a.status_code == b.status_code == 200, a.text
+    for (path, _), a, b, c in zip(requests, together, alone, again, strict=True):
+        assert a.status_code == b.status_code == c.status_code == 200, a.text
         key = "trajectory" if path == "/trajectory" else "samples"
-        assert a.json()[key] == b.json()[key]
+        # Batched passes may take other kernels (fused ones from 128 rows up) than a request's
+        # own passes, so the last float32 bits may differ; the same passes repeat bit for bit.
+        np.testing.assert_allclose(a.json()[key], b.json()[key], rtol=1e-5, atol=1e-5)
+        assert b.json()[key] == c.json()[key]
     assert stats.max_jobs_in_pass > 1
-    assert stats.jobs_done == 64
+    assert stats.jobs_done == 3 * len(requests)
