@@ -13,6 +13,7 @@ from service import fastpath
 from service.fastpath import optimize
 
 CPU = torch.device("cpu")
+TIMER = fastpath._speedup  # the real one; the fixture below stands in for it
 
 
 class TimeFirst(torch.nn.Module):
@@ -36,8 +37,11 @@ class NoConcat(torch.nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def restore_fuser_switch():
-    """The oneDNN fuser switch is process-wide: leave it as each test found it."""
+def restore_fuser_switch(monkeypatch):
+    """The oneDNN fuser switch is process-wide: leave it as each test found it. Whether fusion
+    pays is timed; here a stand-in timer says it does, so the outcome is the same on any machine
+    (the tests of that decision set their own)."""
+    monkeypatch.setattr(fastpath, "_speedup", lambda *_: 2.0)
     was_on = torch._C._jit_llga_enabled()
     yield
     torch.jit.enable_onednn_fusion(was_on)
@@ -152,3 +156,33 @@ def test_onednn_is_left_alone_on_cuda_and_without_mkldnn(monkeypatch) -> None:
     assert applied == ["freeze"]
     assert unfused is None
     assert not torch._C._jit_llga_enabled()
+
+
+@pytest.mark.parametrize("was_on", [False, True])
+def test_a_fused_graph_that_is_not_faster_is_not_used(monkeypatch, caplog, was_on) -> None:
+    monkeypatch.setattr(fastpath, "_speedup", lambda *_: 0.84)
+    torch.jit.enable_onednn_fusion(was_on)
+    loaded = torch.jit.script(PostFlow(2).eval())
+    with caplog.at_level(logging.INFO, logger="flowserve.fastpath"):
+        fast, applied, unfused = optimize(loaded, 2, CPU, ("freeze", "onednn"))
+    assert applied == ["freeze"]
+    assert unfused is None
+    assert "onednn skipped: the fused graph is not faster (0.84x at 4099 rows)" in caplog.text
+    assert torch._C._jit_llga_enabled() == was_on  # models loaded before keep their fusion
+    assert fused_groups(fast, 2, 300) == 0
+
+
+def test_the_timer_alternates_the_two_graphs() -> None:
+    calls: list[str] = []
+
+    def module(name: str):
+        def run(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            return x
+
+        return run
+
+    t, x = torch.rand(4, 1), torch.randn(4, 2)
+    ratio = TIMER(module("fused"), module("unfused"), t, x)
+    assert calls == ["fused", "unfused"] * fastpath.TIMING_REPS
+    assert ratio > 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import write_model_dir, write_module_dir
 
+from service import fastpath
 from service.loader import ModelRefused, load_model, load_models
 from training.network import VelocityMLP
 
@@ -64,7 +65,8 @@ def test_a_good_folder_loads(tmp_path: Path) -> None:
     torch.testing.assert_close(model.autograd_module(t, x), 0.5 * x)
 
 
-def test_the_bundled_model_is_served_fused_with_an_unfused_copy() -> None:
+def test_the_bundled_model_is_served_fused_with_an_unfused_copy(monkeypatch) -> None:
+    monkeypatch.setattr(fastpath, "_speedup", lambda *_: 2.0)  # whether it pays is timed
     model = load_model(REPO_ROOT / "models" / "four-gaussians", CPU)
     assert model.optimizations == ["freeze", "onednn"]
     assert model.unfused_module is not None
