@@ -755,7 +755,8 @@ async def test_concurrent_requests_are_batched_and_answer_as_alone(models_dir: P
         assert a.status_code == b.status_code == c.status_code == 200, a.text
         key = "trajectory" if path == "/trajectory" else "samples"
         # Batched passes may take other kernels (fused ones from 128 rows up) than a request's
-        # own passes, so the last float32 bits may differ; the same passes repeat bit for bit.
+        # own passes, so the last float32 bits may differ; alone, these requests (under 128
+        # rows) run the same unfused passes each time, bit for bit.
         np.testing.assert_allclose(a.json()[key], b.json()[key], rtol=1e-5, atol=1e-5)
         assert b.json()[key] == c.json()[key]
     assert stats.max_jobs_in_pass > 1
