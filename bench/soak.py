@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +36,8 @@ import httpx
 import numpy as np
 import torch
 
-from bench.throughput import free_port, write_post_model
+from bench.throughput import MB, rss_bytes, serve, write_post_model
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DIM = 2
 MODEL = "soak"
 MAX_RSS_GROWTH = 0.05
@@ -202,42 +198,6 @@ async def storm(url: str, calls: list[Call], clients: int, idle: dict, tally: Ta
         await asyncio.gather(*(worker(client) for _ in range(clients)))
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-@contextlib.contextmanager
-def server(models_dir: Path, log: Path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
-    env |= {"FLOW_DEVICE": "cpu", "FLOW_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "service", "--models-dir", str(models_dir)]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak", description=__doc__.split("\n")[0]
@@ -257,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         write_post_model(root / "models", MODEL, dim=DIM)
         module = torch.jit.load(str(root / "models" / MODEL / "model.pt")).eval()
-        with server(root / "models", root / "server.log") as (url, process):
+        with serve(root / "models", "cpu", root / "server.log") as server:
+            url = server.url
             started = time.perf_counter()
             idle: dict[str, dict[str, np.ndarray]] = {}
             with httpx.Client(base_url=url, timeout=120) as client:
@@ -277,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             tally = Tally()
             started = time.perf_counter()
             asyncio.run(storm(url, calls[:warmup], args.clients, idle, tally))
-            rss_warm = rss_kib(process.pid)
+            rss_warm = rss_bytes(server.pid)["VmRSS"]
             asyncio.run(storm(url, calls[warmup:], args.clients, idle, tally))
             storm_s = time.perf_counter() - started
-            rss_end = rss_kib(process.pid)
+            rss_end = rss_bytes(server.pid)["VmRSS"]
             alive = httpx.get(f"{url}/healthz").status_code == 200
             log_tail = (root / "server.log").read_text()[-3000:]
 
@@ -302,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({idle_s:.1f} s), {len(tally.wrong_numbers)} differ"
     )
     print(
-        f"VmRSS               {rss_warm / 1024:.1f} MiB after warm-up ({warmup} requests), "
-        f"{rss_end / 1024:.1f} MiB at the end: {100 * growth:+.2f}% (limit "
+        f"VmRSS               {rss_warm / MB:.1f} MiB after warm-up ({warmup} requests), "
+        f"{rss_end / MB:.1f} MiB at the end: {100 * growth:+.2f}% (limit "
         f"{100 * MAX_RSS_GROWTH:.0f}%)"
     )
     print(f"server alive        {alive}")
