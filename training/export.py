@@ -9,10 +9,8 @@ one under DIR, never a half-written folder, and the temporary folder is removed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
@@ -21,8 +19,8 @@ from typing import Any
 
 import torch
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-FORMAT = 1
+# The artifact's format is the loader's: what it checks is what this writes.
+from service.loader import MANIFEST_FORMAT, NAME_PATTERN, sha256_of
 
 
 def check_name(out: str | Path) -> str:
@@ -30,18 +28,10 @@ def check_name(out: str | Path) -> str:
     name = Path(out).name
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
-            f"--out: artifact name {name!r} must match [a-z0-9][a-z0-9._-]{{0,63}} "
+            f"--out: artifact name {name!r} must match {NAME_PATTERN.pattern} "
             "(it is the last part of DIR)"
         )
     return name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_artifact(
@@ -64,10 +54,10 @@ def write_artifact(
         module = copy.deepcopy(network).cpu().float().eval()
         torch.jit.save(torch.jit.script(module), str(staging / "model.pt"))
         written = {
-            "format": FORMAT,
+            "format": MANIFEST_FORMAT,
             "name": name,
             **{k: v for k, v in manifest.items() if k not in ("format", "name", "sha256")},
-            "sha256": sha256_file(staging / "model.pt"),
+            "sha256": sha256_of(staging / "model.pt"),
         }
         (staging / "manifest.json").write_text(json.dumps(written, indent=2) + "\n", "utf-8")
         for file_name, writer in (extra_files or {}).items():
