@@ -189,7 +189,7 @@ async def healthz() -> Response:
 @router.get("/readyz", response_model=HealthResponse, responses={503: ERRORS[503]})
 async def readyz(registry: RegistryDep) -> Response:
     if not registry.ready:
-        raise ApiError(503, "not ready: models are loading", {"Retry-After": "1"})
+        registry.get(None)  # answers 503 while loading, with the configured Retry-After
     return json_response({"status": "ready", "models": sorted(registry.served)})
 
 
