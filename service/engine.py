@@ -553,20 +553,16 @@ class Engine:
         if divergence is None:
             # The bound method skips nn.Module's call machinery (a third of a small pass);
             # grad mode is off for the whole engine thread.
+            # Small passes take the unfused graph where the model has one (see fastpath).
             forward = _bound_forward(model.module)
-            if model.unfused_module is None:
-
-                def plain(t, y, _block):
-                    return forward(t, y)
-
-                return plain
-            unfused = _bound_forward(model.unfused_module)
+            small = model.unfused_module
+            unfused = forward if small is None else _bound_forward(small)
             min_rows = self.fused_min_rows
 
-            def by_size(t, y, _block):
+            def plain(t, y, _block):
                 return (forward if y.shape[0] >= min_rows else unfused)(t, y)
 
-            return by_size
+            return plain
         dim = model.dim
 
         def with_divergence(t, y, block):
