@@ -317,10 +317,6 @@ def _decode_log_prob(response: httpx.Response) -> dict[str, np.ndarray | None]:
     return out
 
 
-def _decode_ok(response: httpx.Response) -> bool:
-    return response.status_code == 200
-
-
 def _sample_request(
     model: str | None,
     num_samples: int | None,

@@ -213,10 +213,7 @@ class _Lane:
             return
         self._full = None
         if alive:
-            index = torch.from_numpy(
-                np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in alive])
-            ).to(self.device)
-            kept = self.state.index_select(0, index)
+            kept = self.state.index_select(0, _rows_of(alive, self.device))
             self.state[: kept.shape[0]] = kept
         offset = 0
         for unit in alive:
@@ -531,9 +528,7 @@ class Engine:
         else:
             self._advance_rows(lane, lane.state[start:end])
             return end - start
-        index = torch.from_numpy(
-            np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in units])
-        ).to(lane.device)
+        index = _rows_of(units, lane.device)
         block = lane.state.index_select(0, index)
         self._advance_rows(lane, block)
         lane.state.index_copy_(0, index, block)
@@ -678,3 +673,9 @@ class Engine:
 
 def _bound_forward(module: Callable) -> Callable:
     return module.forward if hasattr(module, "forward") else module
+
+
+def _rows_of(units: list[_Unit], device: torch.device) -> torch.Tensor:
+    """The lane rows of `units`, in their order: (sum of rows,) int64 on `device`."""
+    rows = np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in units])
+    return torch.from_numpy(rows).to(device)

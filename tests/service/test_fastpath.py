@@ -163,7 +163,7 @@ def test_a_fused_graph_that_changes_the_numbers_is_dropped(monkeypatch, caplog) 
     assert fused_groups(fast, 2, 300) == 0
 
 
-def test_onednn_is_left_alone_on_cuda_and_without_mkldnn(monkeypatch) -> None:
+def test_onednn_is_left_alone_without_mkldnn(monkeypatch) -> None:
     torch.jit.enable_onednn_fusion(False)
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     _, applied, unfused = optimize(torch.jit.script(PostFlow(2).eval()), 2, CPU)
