@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from service.fastpath import optimize
+from service.field import Signature, VelocityField
 from service.server import keep_freed_memory
 
 VARIANTS = {
@@ -46,14 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     dim = manifest["dim"]
     loaded = torch.jit.load(str(args.model_dir / "model.pt")).eval()
-    device = torch.device("cpu")
+    field = VelocityField(Signature.from_manifest(manifest), loaded)
     modules = {}
     # The oneDNN fuser is switched on for the whole process by the first variant that uses it;
     # a graph's plan is built on its second call, so the unfused variants run twice before that.
     unfused = sorted(VARIANTS, key=lambda name: "onednn" in VARIANTS[name])
     for name in unfused:
         rewrites = VARIANTS[name]
-        modules[name], applied, _ = optimize(loaded, dim, device, rewrites)
+        modules[name], applied, _ = optimize(field, rewrites)
         if name != "as loaded" and applied != list(rewrites):
             print(f"{name}: only {applied} applied")
         if "onednn" not in rewrites:

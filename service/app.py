@@ -7,9 +7,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import install_error_handlers
+from service.encoding import json_response
+from service.errors import ServiceError, Unavailable, describe_validation, status_of
 from service.metrics import Metrics
 from service.middleware import AccessLog, BearerAuth, BodyLimit
 from service.registry import Registry
@@ -54,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
-    install_error_handlers(app)
+    install_error_handlers(app, settings.retry_after_s)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(BearerAuth, keys=settings.api_keys())
     endpoints = frozenset(route.path for route in router.routes) | {"/docs", "/openapi.json"}
@@ -65,3 +69,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _report_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("model loading failed: %s", task.exception())
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Every error answers `{"detail": "..."}`: domain errors with their status from
+    `service.errors.STATUS` (503s with Retry-After), validation errors as one 422 line."""
+    retry = {"Retry-After": str(retry_after_s)}
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> Response:
+        headers = retry if isinstance(exc, Unavailable) else None
+        return json_response({"detail": exc.detail}, headers, status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
+        return json_response({"detail": describe_validation(list(exc.errors()))}, status=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers 400 for a body that is not text at all; like any malformed body: 422.
+            return json_response({"detail": "body: not valid JSON (not UTF-8 text)"}, status=422)
+        return json_response({"detail": str(exc.detail)}, exc.headers, exc.status_code)

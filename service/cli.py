@@ -30,23 +30,30 @@ from typing import Any, NoReturn
 import numpy as np
 
 from service.client import FlowClient, FlowError, PayloadTooLarge
+from service.tableau import SOLVER_NAMES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-SOLVERS = ("euler", "midpoint", "heun", "rk4")
 ARRAY_SUFFIXES = (".npy", ".csv")
 PLOT_PATHS = 200
 """At most this many paths are drawn by `trajectory --plot`; more only hide each other."""
 
 
 class UsageError(Exception):
-    """A bad command line: reported in one line, exit code 2."""
+    """A bad command line: reported in one line, exit code 2. `message` says what is wrong;
+    `prog`, when argparse found it, names the command."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(f"{prog}: {message}" if prog else message)
+        self.message = message
+        self.prog = prog
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing the usage block and exiting."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing the usage block and exiting; every
+    command of the project (flowserve, python -m service, python -m training.train) uses it."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message, self.prog)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,13 +406,13 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 def _model_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
     parser.add_argument("--model", help="model name (default: the server's default model)")
     parser.add_argument("--num-steps", type=_positive_int, help="solver steps K")
-    parser.add_argument("--solver", choices=SOLVERS, help="ODE solver (server default: euler)")
+    parser.add_argument("--solver", choices=SOLVER_NAMES, help="ODE solver (server default: euler)")
     if seed:
         parser.add_argument("--seed", type=int, help="seed (default: a fresh one, printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flowserve", description="Serve and call flow-matching models.")
+    parser = OneLineParser(prog="flowserve", description="Serve and call flow-matching models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("serve", help="start the server (flags of python -m service)")

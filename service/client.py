@@ -37,6 +37,8 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
+from service.tableau import kept_steps
+
 __all__ = [
     "AsyncFlowClient",
     "ConnectionFailed",
@@ -276,12 +278,7 @@ def trajectory_times(num_steps: int, stride: int) -> np.ndarray:
 
     num_steps K = 10, stride 3 -> k = 0, 3, 6, 9, 10. Returns float64 (T,).
     """
-    if num_steps < 1 or stride < 1:
-        raise ValueError(f"num_steps and stride must be >= 1, got {num_steps} and {stride}")
-    steps = list(range(0, num_steps + 1, stride))
-    if steps[-1] != num_steps:
-        steps.append(num_steps)
-    return np.asarray(steps, dtype=np.float64) / num_steps
+    return np.asarray(kept_steps(num_steps, stride), dtype=np.float64) / num_steps
 
 
 def _trajectory_decoder(

@@ -1,27 +1,92 @@
-"""HTTP errors: every failure answers JSON `{"detail": "..."}` naming the field and the limit."""
+"""What can go wrong, said once: domain errors raised anywhere below the routes, and the one table
+that gives each its HTTP status. Every failure answers JSON `{"detail": "..."}` naming the field
+and the limit.
+
+The engine, the registry and the per-request operations raise these and know nothing of HTTP
+(this module imports no web framework); `service.app` installs the handlers that apply the table,
+and a second protocol (another transport, a Ray Serve handle) maps the same classes its own way.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.encoding import json_response
+class ServiceError(Exception):
+    """A request that cannot be answered as asked; the message is the user-facing detail."""
 
-
-class ApiError(Exception):
-    """An answer other than 200, raised anywhere below the routes."""
-
-    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-        self.headers = headers
+    @property
+    def detail(self) -> str:
+        return str(self)
 
 
-def too_large(field: str, value: int, limit: int, setting: str) -> ApiError:
-    return ApiError(413, f"{field}: {value} is over the limit of {limit} ({setting})")
+class InvalidInput(ServiceError):
+    """The request does not fit the model: wrong dimension, bad label, coordinates too large."""
+
+
+class ModelNotFound(ServiceError):
+    """No model of that name is served."""
+
+
+class LimitExceeded(ServiceError):
+    """Over a configured limit; the message gives the value, the limit and its setting."""
+
+    def __init__(self, field: str, value: int, limit: int, setting: str):
+        super().__init__(f"{field}: {value} is over the limit of {limit} ({setting})")
+
+
+class NotAcceptable(ServiceError):
+    """The answer cannot be given in the media type asked for."""
+
+
+class Unavailable(ServiceError):
+    """Not now: a retry after Retry-After seconds may succeed."""
+
+
+class NotReady(Unavailable):
+    """The models are still loading, or a model was refused."""
+
+
+class QueueFull(Unavailable):
+    def __init__(self, rows: int, queued: int, limit: int):
+        super().__init__(
+            f"queue full: {queued} rows admitted, this request adds {rows}, "
+            f"the limit is {limit} (FLOW_MAX_QUEUE_ROWS); retry later"
+        )
+
+
+class EngineStopped(Unavailable):
+    """The engine is shutting down (or has stopped): no new work is taken."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its answer was ready; its rows left the batch."""
+
+
+class Cancelled(ServiceError):
+    """The client went away; its rows left the batch."""
+
+
+class ModelFailed(ServiceError):
+    """The model could not be evaluated, or produced NaN or infinity."""
+
+
+STATUS: dict[type[ServiceError], int] = {
+    InvalidInput: 422,
+    ModelNotFound: 404,
+    LimitExceeded: 413,
+    NotAcceptable: 406,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+    Cancelled: 499,  # nginx's "client closed request": nobody reads it, the access log does
+    ModelFailed: 500,
+}
+
+
+def status_of(error: ServiceError) -> int:
+    """The HTTP status of `error`: the table's entry for its class or its nearest base."""
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 500
 
 
 def _location(loc: tuple) -> str:
@@ -53,20 +118,3 @@ def describe_validation(errors: list[dict]) -> str:
         else:
             lines.append(f"{location}: {message}")
     return "; ".join(dict.fromkeys(lines))
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> Response:
-        return json_response({"detail": exc.detail}, exc.headers, exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
-        return json_response({"detail": describe_validation(list(exc.errors()))}, status=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            # FastAPI answers 400 for a body that is not text at all; like any malformed body: 422.
-            return json_response({"detail": "body: not valid JSON (not UTF-8 text)"}, status=422)
-        return json_response({"detail": str(exc.detail)}, exc.headers, exc.status_code)

@@ -20,9 +20,10 @@ elsewhere benefit too:
   process-wide (`torch.jit` has no per-module one): the first model that fuses turns it on, and
   a model whose output it would change turns it off for the models loaded after it.
 
-Every rewrite is applied to a copy and checked against the graph as loaded on a probe input; one
-that fails or changes the output beyond float32 noise is dropped and logged, and the next one is
-tried on the last good graph.
+Every rewrite is applied to a copy and checked against the graph as loaded on a probe input (the
+field's own seeded example, so conditional and shaped models are checked with their own
+arguments); one that fails or changes the output beyond float32 noise is dropped and logged, and
+the next one is tried on the last good graph.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+from service.field import Signature, VelocityField
 
 log = logging.getLogger("flowserve.fastpath")
 
@@ -74,7 +77,7 @@ def _constant(value: torch._C.Value):
     return value.toIValue() if node.kind() == "prim::Constant" else None
 
 
-def _rewrite_elu(graph: torch._C.Graph, _dim: int) -> bool:
+def _rewrite_elu(graph: torch._C.Graph, _signature: Signature) -> bool:
     if not graph.findAllNodes("aten::elu"):
         return False
     torch._C._jit_pass_custom_pattern_based_rewrite_graph(_ELU, _ELU_AS_EXP, graph)
@@ -87,12 +90,14 @@ def _rewrite_elu(graph: torch._C.Graph, _dim: int) -> bool:
     return True
 
 
-def _rewrite_time_fold(graph: torch._C.Graph, dim: int) -> bool:
+def _rewrite_time_fold(graph: torch._C.Graph, signature: Signature) -> bool:
     """Fold the time column of `linear(cat([x, t], -1), W, b)` out of the first layer."""
     inputs = list(graph.inputs())
-    if len(inputs) != 3:
+    if signature.time_shape != (-1, 1) or len(inputs) != len(signature.inputs) + 1:
         return False
-    t_in, x_in = inputs[1], inputs[2]
+    dim = signature.dim
+    t_in = inputs[1 + signature.inputs.index("t")]
+    x_in = inputs[1 + signature.inputs.index("x")]
     folded = False
     for cat in graph.findAllNodes("aten::cat"):
         parts = cat.inputsAt(0).node()
@@ -123,7 +128,7 @@ def _rewrite_time_fold(graph: torch._C.Graph, dim: int) -> bool:
     return folded
 
 
-_GRAPH_REWRITES: dict[str, Callable[[torch._C.Graph, int], bool]] = {
+_GRAPH_REWRITES: dict[str, Callable[[torch._C.Graph, Signature], bool]] = {
     "elu": _rewrite_elu,
     "time_fold": _rewrite_time_fold,
 }
@@ -142,16 +147,13 @@ class Optimized(NamedTuple):
     unfused: torch.jit.ScriptModule | None = None
 
 
-def optimize(
-    module: torch.jit.ScriptModule,
-    dim: int,
-    device: torch.device,
-    rewrites: tuple[str, ...] = DEFAULT_REWRITES,
-) -> Optimized:
-    """Return the fastest verified equivalent of `module` and the names of the rewrites applied.
+def optimize(field: VelocityField, rewrites: tuple[str, ...] = DEFAULT_REWRITES) -> Optimized:
+    """Return the fastest verified equivalent of `field.graph` (the graph as loaded) and the names
+    of the rewrites applied.
 
     Call it before any engine runs: the oneDNN check flips torch's process-wide fuser switch.
     """
+    module = field.graph
     if "freeze" not in rewrites:
         return Optimized(module, [])
     try:
@@ -159,40 +161,41 @@ def optimize(
     except Exception as exc:  # a module freeze cannot handle is still served as it is
         log.warning("graph rewrites skipped: freeze failed: %s", str(exc).splitlines()[0])
         return Optimized(module, [])
-    if not _agrees(module, best, dim, device):
+    if not _agrees(field, best):
         log.warning("graph rewrites skipped: the frozen graph differs from the loaded one")
         return Optimized(module, [])
     applied = ["freeze"]
     for name in rewrites:
         if name not in _GRAPH_REWRITES:
             continue
-        candidate = _rewritten(module, dim, applied)
+        candidate = _rewritten(field, applied)
         try:
-            changed = _GRAPH_REWRITES[name](candidate.graph, dim)
+            changed = _GRAPH_REWRITES[name](candidate.graph, field.signature)
         except Exception as exc:
             log.warning("graph rewrite %s skipped: %s", name, str(exc).splitlines()[0])
             continue
         if not changed:
             continue
-        if not _agrees(module, candidate, dim, device):
+        if not _agrees(field, candidate):
             log.warning("graph rewrite %s skipped: output differs from the loaded graph", name)
             continue
         best = candidate
         applied.append(name)
+    device = field.device
     if "onednn" not in rewrites or device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return Optimized(best, applied)
     # Plans are built on a graph's first calls and kept, so each copy gets its plan built
     # under the switch it is meant to run with, and `best` (whose plan may be either) is dropped.
     was_on = torch._C._jit_llga_enabled()
-    probes = [_probe(rows, dim, device) for rows in FUSION_PROBE_ROWS]
+    probes = [_probe(field, rows) for rows in FUSION_PROBE_ROWS]
     torch.jit.enable_onednn_fusion(False)
-    unfused = _rewritten(module, dim, applied)
-    expected = [_run_until_planned(unfused, t, x)[0] for t, x in probes]
+    unfused = _rewritten(field, applied)
+    expected = [_run_until_planned(field.with_graphs(unfused), probe)[0] for probe in probes]
     torch.jit.enable_onednn_fusion(True)
-    fused = _rewritten(module, dim, applied)
-    _concat_in_aten(fused.graph)
+    fused = _rewritten(field, applied)
+    _concat_in_aten(fused.graph, field.signature)
     try:
-        runs = [_run_until_planned(fused, t, x) for t, x in probes]
+        runs = [_run_until_planned(field.with_graphs(fused), probe) for probe in probes]
     except Exception as exc:
         log.warning("graph rewrite onednn skipped: %s", str(exc).splitlines()[0])
         runs = []
@@ -206,27 +209,33 @@ def optimize(
         )
         torch.jit.enable_onednn_fusion(False)
         return Optimized(unfused, applied)
-    t, x = probes[-1]
-    speedup = _speedup(fused, unfused, t, x)
+    probe = probes[-1]
+    speedup = _speedup(field.with_graphs(fused), field.with_graphs(unfused), probe)
+    rows = probe[1].shape[0]
     if speedup < MIN_SPEEDUP:
         log.info(
             "graph rewrite onednn skipped: the fused graph is not faster (%.2fx at %d rows)",
             speedup,
-            t.shape[0],
+            rows,
         )
         torch.jit.enable_onednn_fusion(was_on)
         return Optimized(unfused, applied)
-    log.info("graph rewrite onednn: %.2fx faster at %d rows", speedup, t.shape[0])
+    log.info("graph rewrite onednn: %.2fx faster at %d rows", speedup, rows)
     return Optimized(fused, [*applied, "onednn"], unfused)
 
 
-def _concat_in_aten(graph: torch._C.Graph) -> None:
+def _concat_in_aten(graph: torch._C.Graph, signature: Signature) -> None:
     """Leave concatenations along dim 1 to ATen: the fuser makes a oneDNN concat of them, which
     for a few narrow columns such as [x, t] costs more than the rest of the first layer (a pass
     is 1.05-1.10x faster without it). `hstack` is `cat` along dim 1 for tensors of rank 2 and
-    up, and the fuser does not take it. Dim -1 is dim 1 only for rank 2, which the graph's own
-    inputs t and x have."""
-    own_inputs = {value.unique() for value in list(graph.inputs())[1:]}
+    up, and the fuser does not take it. Dim -1 is dim 1 only for rank 2, so it is rewritten only
+    for the graph's own rank-2 inputs: t of time shape (B, 1), a flat x, a vector condition."""
+    rank2 = {"t": signature.time_shape == (-1, 1), "x": signature.shape == (signature.dim,)}
+    rank2["c"] = signature.condition is not None and signature.condition.kind == "vector"
+    values = list(graph.inputs())[1:]
+    own_inputs = {
+        value.unique() for value, name in zip(values, signature.inputs, strict=False) if rank2[name]
+    }
     for cat in graph.findAllNodes("aten::cat"):
         parts = cat.inputsAt(0).node()
         axis = _constant(cat.inputsAt(1))
@@ -240,70 +249,56 @@ def _concat_in_aten(graph: torch._C.Graph) -> None:
             cat.destroy()
 
 
-def _speedup(
-    fused: torch.jit.ScriptModule,
-    unfused: torch.jit.ScriptModule,
-    t: torch.Tensor,
-    x: torch.Tensor,
-) -> float:
-    """Best time of `unfused` over best time of `fused` on (t, x); calls alternate, so a busy
+Probe = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""(t, x, c) in the field's flat form."""
+
+
+def _speedup(fused: VelocityField, unfused: VelocityField, probe: Probe) -> float:
+    """Best time of `unfused` over best time of `fused` on the probe; calls alternate, so a busy
     machine slows both alike."""
     best = [float("inf"), float("inf")]
     with torch.no_grad():
         for _ in range(TIMING_REPS):
-            for i, module in enumerate((fused, unfused)):
+            for i, field in enumerate((fused, unfused)):
                 start = time.perf_counter()
-                module(t, x)
+                field(*probe)
                 best[i] = min(best[i], time.perf_counter() - start)
     return best[1] / best[0]
 
 
-def _rewritten(
-    module: torch.jit.ScriptModule, dim: int, applied: list[str]
-) -> torch.jit.ScriptModule:
-    """A fresh frozen copy of `module` (its own graph executor) with `applied` rewrites done."""
-    candidate = torch.jit.freeze(module.eval())
+def _rewritten(field: VelocityField, applied: list[str]) -> torch.jit.ScriptModule:
+    """A fresh frozen copy of the loaded graph (its own graph executor), `applied` rewrites done."""
+    candidate = torch.jit.freeze(field.graph.eval())
     for done in applied[1:]:
-        _GRAPH_REWRITES[done](candidate.graph, dim)
+        _GRAPH_REWRITES[done](candidate.graph, field.signature)
     return candidate
 
 
-def _run_until_planned(
-    module: torch.jit.ScriptModule, t: torch.Tensor, x: torch.Tensor
-) -> tuple[torch.Tensor, bool]:
+def _run_until_planned(field: VelocityField, probe: Probe) -> tuple[torch.Tensor, bool]:
     """(output of the optimised plan, whether that plan holds oneDNN fusion groups).
 
     The profiling executor runs a graph's first call as is and builds its plan on the next.
     """
     with torch.no_grad():
         for _ in range(3):
-            out = module(t, x)
+            out = field(*probe)
     return out, FUSION_GROUP in str(torch.jit.last_executed_optimized_graph())
 
 
-def _agrees(
-    reference: torch.jit.ScriptModule,
-    candidate: torch.jit.ScriptModule,
-    dim: int,
-    device: torch.device,
-    rows: int = 257,
-) -> bool:
-    t, x = _probe(rows, dim, device)
+def _agrees(field: VelocityField, candidate: torch.jit.ScriptModule, rows: int = 257) -> bool:
+    probe = _probe(field, rows)
     with torch.no_grad():
-        expected = reference(t, x)
+        expected = field(*probe)
         try:
-            got = candidate(t, x)
+            got = field.with_graphs(candidate)(*probe)
         except Exception:
             return False
     return _close(got, expected)
 
 
-def _probe(rows: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """t: (rows, 1) in [0, 1), x: (rows, dim) spread wider than the source, seeded."""
-    generator = torch.Generator().manual_seed(1)
-    t = torch.rand(rows, 1, generator=generator).to(device)
-    x = (3 * torch.randn(rows, dim, generator=generator)).to(device)
-    return t, x
+def _probe(field: VelocityField, rows: int) -> Probe:
+    """t in [0, 1), x spread wider than a unit source, every class or random vectors; seeded."""
+    return field.example(rows, seed=1, spread=3.0)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:

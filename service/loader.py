@@ -1,28 +1,35 @@
-"""Loading model folders: manifest checks, sha256, TorchScript load, probe and warm-up.
+"""Loading model folders: manifest checks, sha256, TorchScript load, probes, fast path, warm-up.
 
-This is the only place the service calls `torch.jit.load`. A folder that fails any check is
-refused with one log line naming it and why; the others are served.
+This is the only place the service calls `torch.jit.load`. Everything that runs a model at load
+time (the probes at several batch sizes, the fast path's checks and timing, the warm-up passes)
+is part of that model's checks: a folder that fails any of them is refused with one log line
+naming it and why, and the others are served.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.artifact import MANIFEST_FORMAT, NAME_PATTERN, REQUIRED_FIELDS, sha256_of
+from service.errors import ModelFailed
 from service.fastpath import DEFAULT_REWRITES, optimize
+from service.field import Signature, VelocityField
 from service.mixture import GaussianMixture
 
 log = logging.getLogger("flowserve.loader")
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-MANIFEST_FORMAT = 1
+PROBE_ROWS = (5, 1)
+"""Batch sizes every model is probed at first: a few rows (the messages quote this shape), one."""
+LARGE_PROBE_VALUES = 4099 * 2
+"""The last probe is large: 4,099 rows for a 2-D model (the fast path's timed size), fewer for
+wide ones, never under 257 rows."""
 
 
 class ModelRefused(Exception):
@@ -31,24 +38,24 @@ class ModelRefused(Exception):
 
 @dataclass(eq=False)
 class LoadedModel:
-    """A servable model. `module` is the (possibly optimised) graph for plain passes;
-    `unfused_module` the same graph without the oneDNN fuser, for small passes, when `module` is
-    fused; `autograd_module` the graph as loaded, for passes that differentiate through it."""
+    """A servable model: its manifest, source p0 and the `VelocityField` that calls it."""
 
     name: str
     dim: int
     source: GaussianMixture
     manifest: dict[str, Any]
-    module: torch.jit.ScriptModule
-    autograd_module: torch.jit.ScriptModule
+    field: VelocityField
     device: torch.device
     optimizations: list[str] = field(default_factory=list)
-    unfused_module: torch.jit.ScriptModule | None = None
 
+    @property
+    def signature(self) -> Signature:
+        return self.field.signature
 
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    @property
+    def guidance_scale(self) -> float:
+        """The default w of requests to this model (the manifest's, else 1)."""
+        return float(self.manifest.get("guidance_scale", 1.0))
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -62,7 +69,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ModelRefused(f"manifest.json unreadable: {exc}") from None
     if not isinstance(manifest, dict):
         raise ModelRefused("manifest.json: not a JSON object")
-    missing = [key for key in ("format", "name", "dim", "source", "sha256") if key not in manifest]
+    missing = [key for key in REQUIRED_FIELDS if key not in manifest]
     if missing:
         raise ModelRefused(f"manifest.json: missing {', '.join(missing)}")
     if manifest["format"] != MANIFEST_FORMAT:
@@ -79,16 +86,99 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_serving_fields(manifest: dict[str, Any]) -> Signature:
+    """The optional fields of "Conditional and shaped models": the signature, `guidance_scale`
+    and `data_range`; ValueError naming the field."""
+    signature = Signature.from_manifest(manifest)
+    scale = manifest.get("guidance_scale")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale >= 0:
+            raise ValueError(f"guidance_scale: expected a number >= 0, got {scale!r}")
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance_scale: expected a finite number, got {scale!r}")
+        if scale != 1 and (signature.condition is None or not signature.condition.has_null):
+            raise ValueError(
+                f"guidance_scale: {scale} needs a condition with a null (guidance mixes in "
+                "the unconditional field)"
+            )
+    data_range = manifest.get("data_range")
+    if data_range is not None and not (
+        isinstance(data_range, list)
+        and len(data_range) == 2
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in data_range
+        )
+        and data_range[0] < data_range[1]
+    ):
+        raise ValueError(f"data_range: expected [lo, hi] with lo < hi, got {data_range!r}")
+    return signature
+
+
+def check_arguments(module: Any, signature: Signature) -> None:
+    """ModelRefused when a TorchScript forward takes another number of arguments than `inputs`
+    lists (other callables are not inspected)."""
+    try:
+        arguments = [a.name for a in module.forward.schema.arguments][1:]  # [0] is self
+    except AttributeError:
+        return
+    if len(arguments) != len(signature.inputs):
+        raise ModelRefused(
+            f"forward({', '.join(arguments)}) takes {len(arguments)} arguments; the manifest's "
+            f"inputs list {len(signature.inputs)} ({', '.join(signature.inputs)})"
+        )
+
+
+def probe(field: VelocityField, rows: int, seed: int = 0, *, finite: bool = False) -> None:
+    """Run the field on a seeded input of `rows` rows; ModelRefused unless it answers a float32
+    array of the input's shape (and, with `finite`, one without NaN or infinity: packaging asks
+    for that; serving does not, as a field may be undefined off its data and the service refuses
+    such answers per request)."""
+    t, x, c = field.example(rows, seed)
+    try:
+        with torch.inference_mode():
+            out = field(t, x, c)
+    except ModelFailed as exc:  # the field's own output check names what came back
+        raise ModelRefused(str(exc)) from None
+    except Exception as exc:
+        raise ModelRefused(
+            f"{field.signature.call} failed on a probe input of {rows} rows: {exc}".splitlines()[0]
+        ) from None
+    if finite and not torch.isfinite(out).all():
+        raise ModelRefused(
+            f"{field.signature.call} returned NaN or infinity on a probe input of {rows} rows"
+        )
+
+
+def probe_sizes(dim: int) -> tuple[int, ...]:
+    return (*PROBE_ROWS, max(257, min(4099, LARGE_PROBE_VALUES // dim)))
+
+
+def warm_up(field: VelocityField, passes: int, rows: int) -> None:
+    """Run a few forward passes so the first request does not pay for lazy initialisation."""
+    t, x, c = field.example(rows, seed=2)
+    with torch.no_grad():  # the engine's mode: plans are built for the tensors it passes
+        for _ in range(passes):
+            field(t, x, c)
+
+
 def load_model(
-    folder: Path, device: torch.device, *, rewrites: tuple[str, ...] = DEFAULT_REWRITES
+    folder: Path,
+    device: torch.device,
+    *,
+    rewrites: tuple[str, ...] = DEFAULT_REWRITES,
+    fused_min_rows: int = 0,
+    warmup_passes: int = 0,
+    warmup_rows: int = 1024,
 ) -> LoadedModel:
     """Load and check one model folder; raise ModelRefused with the reason."""
     manifest = read_manifest(folder)
     dim = manifest["dim"]
     try:
-        source = GaussianMixture.from_spec(manifest["source"], field="manifest.json: source")
+        signature = check_serving_fields(manifest)
+        source = GaussianMixture.from_spec(manifest["source"], field="source")
     except ValueError as exc:
-        raise ModelRefused(str(exc)) from None
+        raise ModelRefused(f"manifest.json: {exc}") from None
     if source.dim != dim:
         raise ModelRefused(f"manifest.json: source has dimension {source.dim}, dim is {dim}")
     weights = folder / "model.pt"
@@ -106,52 +196,30 @@ def load_model(
             f"model.pt does not load as TorchScript: {exc}".splitlines()[0]
         ) from None
     module.eval()
-    probe(module, dim, device)
-    fast = optimize(module, dim, device, rewrites)
+    check_arguments(module, signature)
+    field = VelocityField(signature, module, device=device)
+    for rows in probe_sizes(dim):
+        probe(field, rows)
+    try:
+        fast = optimize(field, rewrites)
+        field = field.with_graphs(fast.module, small=fast.unfused, small_rows=fused_min_rows)
+        warm_up(field, warmup_passes, warmup_rows)
+    except Exception as exc:
+        raise ModelRefused(f"the fast path or warm-up failed: {exc}".splitlines()[0]) from None
     return LoadedModel(
         name=manifest["name"],
         dim=dim,
         source=source,
         manifest=manifest,
-        module=fast.module,
-        autograd_module=module,
+        field=field,
         device=device,
         optimizations=fast.applied,
-        unfused_module=fast.unfused,
     )
 
 
-def probe(module: torch.jit.ScriptModule, dim: int, device: torch.device, rows: int = 5) -> None:
-    """Check v(t, x) on a small input: shape (rows, dim), float32."""
-    t = torch.linspace(0, 1, rows, device=device).unsqueeze(1)
-    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)).to(device)
-    try:
-        with torch.inference_mode():
-            out = module(t, x)
-    except Exception as exc:
-        raise ModelRefused(
-            f"forward(t, x) failed on a probe input: {exc}".splitlines()[0]
-        ) from None
-    if not isinstance(out, torch.Tensor) or out.shape != (rows, dim):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelRefused(f"forward(t, x) returned {shape} for x of shape {(rows, dim)}")
-    if out.dtype != torch.float32:
-        raise ModelRefused(f"forward(t, x) returned {out.dtype}, expected torch.float32")
-
-
-def warm_up(model: LoadedModel, passes: int, rows: int) -> None:
-    """Run a few forward passes so the first request does not pay for lazy initialisation."""
-    t = torch.full((rows, 1), 0.5, device=model.device)
-    x = torch.zeros(rows, model.dim, device=model.device)
-    with torch.no_grad():  # the engine's mode: plans are built for the tensors it passes
-        for _ in range(passes):
-            model.module(t, x)
-
-
-def load_models(
-    models_dir: Path, device: torch.device, *, rewrites: tuple[str, ...] = DEFAULT_REWRITES
-) -> dict[str, LoadedModel]:
-    """Every servable folder under `models_dir`, by name; refusals are logged, not raised."""
+def load_models(models_dir: Path, device: torch.device, **options: Any) -> dict[str, LoadedModel]:
+    """Every servable folder under `models_dir`, by name; refusals are logged, not raised.
+    `options` are `load_model`'s."""
     models: dict[str, LoadedModel] = {}
     if not models_dir.is_dir():
         log.error("models dir %s does not exist: no model will be served", models_dir)
@@ -160,7 +228,7 @@ def load_models(
         if folder.name.startswith("."):
             continue  # atomic writers build in hidden sibling folders
         try:
-            model = load_model(folder, device, rewrites=rewrites)
+            model = load_model(folder, device, **options)
         except ModelRefused as exc:
             log.error("refused model %s: %s", folder.name, exc)
             continue

@@ -7,21 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from service.devices import resolve_device
 from service.engine import Engine
-from service.errors import ApiError
-from service.loader import LoadedModel, load_models, warm_up
+from service.errors import ModelNotFound, NotReady
+from service.loader import LoadedModel, load_models
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("flowserve.registry")
-
-
-def resolve_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA device is available")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 @dataclass(eq=False)
@@ -29,7 +22,6 @@ class Served:
     model: LoadedModel
     engine: Engine
     metrics: Metrics
-    retry_after_s: int
 
 
 class Registry:
@@ -49,11 +41,17 @@ class Registry:
         settings = self.settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        models = load_models(settings.models_dir, self.device, rewrites=settings.graph_rewrites)
+        models = load_models(
+            settings.models_dir,
+            self.device,
+            rewrites=settings.graph_rewrites,
+            fused_min_rows=settings.fused_min_rows,
+            warmup_passes=settings.warmup_passes,
+            warmup_rows=min(settings.max_batch_rows, 1024),
+        )
         for name, model in models.items():
             if self.closed:
                 return
-            warm_up(model, settings.warmup_passes, min(settings.max_batch_rows, 1024))
             engine = Engine(
                 model,
                 max_batch_rows=settings.max_batch_rows,
@@ -61,14 +59,13 @@ class Registry:
                 max_queue_rows=settings.max_queue_rows,
                 chunk_rows=settings.chunk_rows,
                 single_thread_rows=settings.single_thread_rows,
-                fused_min_rows=settings.fused_min_rows,
                 on_pass=self.metrics.pass_rows.labels(name).observe,
                 on_drop=lambda reason, rows, name=name: self.metrics.rows_dropped.labels(
                     name, reason
                 ).inc(rows),
             )
             engine.start()
-            self.served[name] = Served(model, engine, self.metrics, settings.retry_after_s)
+            self.served[name] = Served(model, engine, self.metrics)
         if settings.default_model and settings.default_model not in self.served:
             log.error(
                 "default model %s is not loaded; using the first in name order",
@@ -88,19 +85,15 @@ class Registry:
 
     def get(self, name: str | None) -> Served:
         if not self.ready:
-            raise ApiError(
-                503,
-                "not ready: models are loading",
-                {"Retry-After": str(self.settings.retry_after_s)},
-            )
+            raise NotReady("not ready: models are loading")
         if name is None:
             if self.default is None:
-                raise ApiError(404, "model: no model is loaded")
+                raise ModelNotFound("model: no model is loaded")
             name = self.default
         served = self.served.get(name)
         if served is None:
             known = ", ".join(sorted(self.served)) or "none"
-            raise ApiError(404, f"model: unknown model {name!r}; loaded: {known}")
+            raise ModelNotFound(f"model: unknown model {name!r}; loaded: {known}")
         return served
 
     def refresh_gauges(self) -> None:

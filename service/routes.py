@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import sampling
 from service.encoding import NPY, json_response, npy_response, wants_npy
-from service.errors import ApiError
+from service.errors import ModelNotFound
 from service.registry import Registry
 from service.schemas import (
     EncodeRequest,
@@ -88,7 +88,25 @@ async def _answer(
         "num_steps": req.num_steps,
         "solver": req.solver,
     }
-    return await _encode(await verb(served, req, settings, request), accept)
+    return await _encode(await verb(served, req, settings, _disconnected(request)), accept)
+
+
+def _disconnected(request: Request) -> sampling.Disconnected:
+    async def wait() -> None:
+        # The body has been read: the next message the server sends is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+def _headers(meta: dict[str, Any]) -> dict[str, str]:
+    """`X-Flow-*` headers of an answer's scalar fields: {"num_steps": 8} -> X-Flow-Num-Steps: 8."""
+    return {
+        "X-Flow-" + key.replace("_", "-").title(): str(value)
+        for key, value in meta.items()
+        if value is not None
+    }
 
 
 async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
@@ -96,9 +114,10 @@ async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
         encode, argument = npy_response, answer.array
     else:
         encode, argument = json_response, answer.body
+    headers = _headers(answer.meta)
     if answer.nbytes <= INLINE_ENCODE_BYTES:
-        return encode(argument, answer.headers)
-    return await run_in_threadpool(encode, argument, answer.headers)
+        return encode(argument, headers)
+    return await run_in_threadpool(encode, argument, headers)
 
 
 @router.post(
@@ -177,7 +196,7 @@ async def get_model(name: str, registry: RegistryDep) -> Response:
         registry.get(name)  # answers 503 while loading
     served = registry.served.get(name)
     if served is None:
-        raise ApiError(404, f"model: unknown model {name!r}")
+        raise ModelNotFound(f"model: unknown model {name!r}")
     return json_response(served.model.manifest)
 
 

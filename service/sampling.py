@@ -1,5 +1,10 @@
-"""What each endpoint does between validation and encoding: check the request against the model
-and the limits, build the engine job off the event loop, await it, shape the answer."""
+"""What each operation does between validation and encoding: check the request against the model
+and the limits, build the engine job off the event loop, await it, shape the answer.
+
+Nothing here knows HTTP: operations take the validated request, the settings and an optional
+`disconnected` awaitable (it returns when the caller has gone away, which cancels the job), raise
+`service.errors` domain errors, and return an `Answer` whose `meta` the edge turns into headers.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +12,33 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
 
-from service.engine import (
-    Cancelled,
-    DeadlineExceeded,
-    Divergence,
-    EngineError,
-    EngineStopped,
-    Job,
-    JobResult,
-    QueueFull,
-)
-from service.errors import ApiError, too_large
+from service.engine import Divergence, Job, JobResult
+from service.errors import DeadlineExceeded, InvalidInput, LimitExceeded, ModelFailed
 from service.registry import Served
 from service.schemas import EncodeRequest, LogProbRequest, SampleRequest, TrajectoryRequest
 from service.settings import Settings
 from service.solvers import get_solver, kept_steps
 
+Disconnected = Callable[[], Awaitable[None]]
+"""Returns once the caller has gone away (a closed connection); the job is then cancelled."""
+
 
 @dataclass
 class Answer:
-    """body: the JSON answer (numpy arrays allowed); array: what a .npy answer carries."""
+    """body: the JSON answer (numpy arrays allowed); array: what a .npy answer carries; meta: the
+    answer's scalar fields (model, seed, num_steps, solver, nfe, ...) that travel beside an array,
+    None where they do not apply."""
 
     body: dict[str, Any]
     array: np.ndarray | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -52,12 +51,12 @@ def _check_common(
 ) -> int:
     """Limits every request shares; returns the network evaluations per row (nfe)."""
     if rows > settings.max_samples:
-        raise too_large(field_name, rows, settings.max_samples, "FLOW_MAX_SAMPLES")
+        raise LimitExceeded(field_name, rows, settings.max_samples, "FLOW_MAX_SAMPLES")
     if num_steps > settings.max_steps:
-        raise too_large("num_steps", num_steps, settings.max_steps, "FLOW_MAX_STEPS")
+        raise LimitExceeded("num_steps", num_steps, settings.max_steps, "FLOW_MAX_STEPS")
     nfe = num_steps * get_solver(solver).stages
     if rows * nfe > settings.max_row_steps:
-        raise too_large(
+        raise LimitExceeded(
             f"{field_name} x nfe", rows * nfe, settings.max_row_steps, "FLOW_MAX_ROW_STEPS"
         )
     return nfe
@@ -70,8 +69,7 @@ def _points(
     coordinates past `limit`, where any network overflows float32 and answers would be NaN."""
     width = len(points[0])
     if width != served.model.dim:
-        raise ApiError(
-            422,
+        raise InvalidInput(
             f"{field_name}: points have {width} coordinates; model {served.model.name} has "
             f"dim {served.model.dim}",
         )
@@ -79,8 +77,7 @@ def _points(
         array = np.asarray(points, dtype=np.float32)
     largest = float(np.abs(array).max())
     if not largest <= limit:
-        raise ApiError(
-            422,
+        raise InvalidInput(
             f"{field_name}: coordinates must lie within +-{limit:g} (FLOW_MAX_ABS_INPUT); "
             f"got {largest:.3g}",
         )
@@ -95,41 +92,36 @@ def _timeout(requested: float | None, settings: Settings) -> float:
     return min(requested or settings.request_timeout_s, settings.request_timeout_s)
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    # The body has been read: the next message the server sends is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+async def _cancel_when(disconnected: Disconnected, job: Job) -> None:
+    await disconnected()
     job.cancel("disconnect")
 
 
 async def execute(
-    served: Served, rows: int, build: Job | Callable[[], Job], timeout_s: float, request: Request
+    served: Served,
+    rows: int,
+    build: Job | Callable[[], Job],
+    timeout_s: float,
+    disconnected: Disconnected | None = None,
 ) -> JobResult:
     """Admit `rows`, run the job (built in a worker thread when `build` is a function, for
-    client-sent points); map engine errors to HTTP. A client that leaves cancels the job."""
-    retry = {"Retry-After": str(served.retry_after_s)}
+    client-sent points); a caller that goes away cancels the job. Raises the engine's errors."""
+    release = served.engine.reserve(rows)
     try:
-        release = served.engine.reserve(rows)
-    except (QueueFull, EngineStopped) as exc:
-        raise ApiError(503, str(exc), retry) from None
-    try:
-        job = build if isinstance(build, Job) else await run_in_threadpool(build)
+        job = build if isinstance(build, Job) else await asyncio.to_thread(build)
         job.deadline = time.monotonic() + timeout_s
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+        watcher = None
+        if disconnected is not None:
+            watcher = asyncio.ensure_future(_cancel_when(disconnected, job))
         try:
             return await served.engine.run(job)
         finally:
-            watcher.cancel()
-    except Cancelled:
-        raise ApiError(499, "client closed the connection") from None
+            if watcher is not None:
+                watcher.cancel()
     except DeadlineExceeded:
-        raise ApiError(
-            504, f"timeout_s: no answer within {timeout_s:g} s; the work was stopped"
+        raise DeadlineExceeded(
+            f"timeout_s: no answer within {timeout_s:g} s; the work was stopped"
         ) from None
-    except EngineStopped as exc:
-        raise ApiError(503, str(exc), retry) from None
-    except EngineError as exc:
-        raise ApiError(500, str(exc)) from None
     finally:
         release()
 
@@ -137,23 +129,17 @@ async def execute(
 def _check_finite(served: Served, result: JobResult) -> None:
     if not result.finite:
         served.metrics.nonfinite.labels(served.model.name).inc()
-        raise ApiError(
-            500,
+        raise ModelFailed(
             f"model {served.model.name} produced non-finite values (NaN or infinity) for this "
             "request; no data was returned",
         )
 
 
-def _headers(served: Served, **values: Any) -> dict[str, str]:
-    headers = {"X-Flow-Model": served.model.name}
-    for key, value in values.items():
-        if value is not None:
-            headers["X-Flow-" + key.replace("_", "-").title()] = str(value)
-    return headers
-
-
 async def sample(
-    served: Served, req: SampleRequest | TrajectoryRequest, settings: Settings, request: Request
+    served: Served,
+    req: SampleRequest | TrajectoryRequest,
+    settings: Settings,
+    disconnected: Disconnected | None = None,
 ) -> Answer:
     """POST /sample and, with a TrajectoryRequest, POST /trajectory."""
     field_name = "x0" if req.x0 is not None else "num_samples"
@@ -163,7 +149,7 @@ async def sample(
     dim = served.model.dim
     keep = kept_steps(req.num_steps, stride) if stride is not None else None
     if keep is not None and len(keep) * rows * dim > settings.max_trajectory_values:
-        raise too_large(
+        raise LimitExceeded(
             "trajectory size (kept states x num_samples x dim)",
             len(keep) * rows * dim,
             settings.max_trajectory_values,
@@ -187,7 +173,7 @@ async def sample(
         build = Job(
             z0=draw, rows=rows, width=dim, solver=req.solver, num_steps=req.num_steps, keep=keep
         )
-    result = await execute(served, rows, build, _timeout(req.timeout_s, settings), request)
+    result = await execute(served, rows, build, _timeout(req.timeout_s, settings), disconnected)
     states = result.trajectory if keep is not None else result.final
     _check_finite(served, result)
     served.metrics.samples.labels(served.model.name).inc(rows)
@@ -207,14 +193,19 @@ async def sample(
         body["stride"] = stride
         body["times"] = [k / req.num_steps for k in keep]
         body["trajectory"] = array
-    headers = _headers(
-        served, seed=seed, num_steps=req.num_steps, stride=stride, solver=req.solver, nfe=nfe
-    )
-    return Answer(body, array, headers)
+    meta = {
+        "model": served.model.name,
+        "seed": seed,
+        "num_steps": req.num_steps,
+        "stride": stride,
+        "solver": req.solver,
+        "nfe": nfe,
+    }
+    return Answer(body, array, meta)
 
 
 async def encode(
-    served: Served, req: EncodeRequest, settings: Settings, request: Request
+    served: Served, req: EncodeRequest, settings: Settings, disconnected: Disconnected | None = None
 ) -> Answer:
     """POST /encode: integrate x from t = 1 back to t = 0."""
     nfe = _check_common(served, req.rows, req.num_steps, req.solver, settings, "x")
@@ -223,7 +214,8 @@ async def encode(
         x = _points(req.x, served, "x", settings.max_abs_input)
         return Job(z0=x, solver=req.solver, num_steps=req.num_steps, t0=1.0, t1=0.0)
 
-    result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
+    timeout = _timeout(req.timeout_s, settings)
+    result = await execute(served, req.rows, build, timeout, disconnected)
     _check_finite(served, result)
     served.metrics.samples.labels(served.model.name).inc(req.rows)
     latents = result.final.numpy()
@@ -236,12 +228,15 @@ async def encode(
         "nfe": nfe,
         "latents": latents,
     }
-    headers = _headers(served, num_steps=req.num_steps, solver=req.solver, nfe=nfe)
-    return Answer(body, latents, headers)
+    meta = {"model": served.model.name, "num_steps": req.num_steps, "solver": req.solver}
+    return Answer(body, latents, {**meta, "nfe": nfe})
 
 
 async def log_prob(
-    served: Served, req: LogProbRequest, settings: Settings, request: Request
+    served: Served,
+    req: LogProbRequest,
+    settings: Settings,
+    disconnected: Disconnected | None = None,
 ) -> Answer:
     """POST /log_prob: the augmented ODE (x, integral of div v) from t = 1 back to t = 0.
 
@@ -254,18 +249,17 @@ async def log_prob(
     )
     if req.num_probes is not None and method == "exact":
         # Dropping the probes silently would answer a different question than the one asked.
-        raise ApiError(
-            422,
+        raise InvalidInput(
             f"num_probes: only applies to divergence 'hutchinson'; model {served.model.name} "
             f"(dim {dim}) defaults to 'exact' (up to dim {settings.max_exact_divergence_dim}, "
             "FLOW_MAX_EXACT_DIVERGENCE_DIM)",
         )
     probes = (req.num_probes or 1) if method == "hutchinson" else None
     if probes is not None and probes > settings.max_probes:
-        raise too_large("num_probes", probes, settings.max_probes, "FLOW_MAX_PROBES")
+        raise LimitExceeded("num_probes", probes, settings.max_probes, "FLOW_MAX_PROBES")
     if probes is not None and req.rows * probes * dim > settings.max_probe_values:
         # The probes stay in memory for the whole integration, whatever the step count.
-        raise too_large(
+        raise LimitExceeded(
             "x rows x num_probes x dim",
             req.rows * probes * dim,
             settings.max_probe_values,
@@ -274,7 +268,7 @@ async def log_prob(
     passes = dim if method == "exact" else probes
     work = req.rows * nfe * passes
     if work > settings.max_divergence_row_steps:
-        raise too_large(
+        raise LimitExceeded(
             "x rows x nfe x divergence passes",
             work,
             settings.max_divergence_row_steps,
@@ -305,7 +299,8 @@ async def log_prob(
             probes=eps,
         )
 
-    result = await execute(served, req.rows, build, _timeout(req.timeout_s, settings), request)
+    timeout = _timeout(req.timeout_s, settings)
+    result = await execute(served, req.rows, build, timeout, disconnected)
     _check_finite(served, result)
 
     def densities() -> dict[str, Any]:
@@ -325,7 +320,7 @@ async def log_prob(
             "latents": latents.numpy(),
         }
 
-    fields = await run_in_threadpool(densities)
+    fields = await asyncio.to_thread(densities)
     served.metrics.samples.labels(served.model.name).inc(req.rows)
     body = {
         "model": served.model.name,
@@ -339,5 +334,11 @@ async def log_prob(
         "seed": seed,
         **fields,
     }
-    headers = _headers(served, seed=seed, num_steps=req.num_steps, solver=req.solver, nfe=nfe)
-    return Answer(body, headers=headers)
+    meta = {
+        "model": served.model.name,
+        "seed": seed,
+        "num_steps": req.num_steps,
+        "solver": req.solver,
+        "nfe": nfe,
+    }
+    return Answer(body, meta=meta)

@@ -7,11 +7,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.tableau import SOLVER_NAMES
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # minItems only documents what `_check_rows` enforces, with its messages.
 Point = Annotated[list[FiniteFloat], Field(json_schema_extra={"minItems": 1})]
 Points = Annotated[list[Point], Field(json_schema_extra={"minItems": 1})]
-SolverName = Literal["euler", "midpoint", "heun", "rk4"]
+SolverName = Literal[SOLVER_NAMES]
 DivergenceMethod = Literal["exact", "hutchinson"]
 
 MAX_SEED = 2**63 - 1

@@ -13,22 +13,20 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.cli import OneLineParser, UsageError
+from service.devices import DEVICES, resolve_device
 from service.errors import describe_validation
-from service.registry import resolve_device
 from service.settings import Settings
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m service", description="Serve flow-matching models over HTTP.")
+    parser = OneLineParser(
+        prog="python -m service", description="Serve flow-matching models over HTTP."
+    )
     parser.add_argument("--models-dir", help="folder of model folders (FLOW_MODELS_DIR)")
     parser.add_argument("--host", help="address to bind (FLOW_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (FLOW_PORT, default 8000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="FLOW_DEVICE")
+    parser.add_argument("--device", choices=DEVICES, help="FLOW_DEVICE")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -65,7 +63,11 @@ def keep_freed_memory() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        print(f"{exc.prog}: error: {exc.message}", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)

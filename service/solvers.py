@@ -1,9 +1,10 @@
-"""Explicit Runge-Kutta solvers for dx/dt = v(t, x), one stage at a time.
+"""Explicit Runge-Kutta solvers for dx/dt = v(t, x), one stage at a time, for many rows at once.
 
-The maths knows nothing of the web or of batching: `Stepper` advances one block of rows by one
-stage per call of `advance`, so a scheduler can interleave stages of many blocks (rows of several
-requests, solvers and step counts) in one network evaluation; `integrate` is the plain loop over a
-whole batch that uses the very same stepper.
+The maths knows nothing of the web or of batching. `StageRule` applies one stage of a tableau to a
+block of rows in place, where every row may be at its own stage, time and step size: the engine
+uses it to advance rows of many requests (different solvers' lanes, step counts and directions)
+in shared network evaluations, and `integrate`, the plain loop over a whole batch, uses the very
+same update.
 
 With K steps on [t0, t1] and h = (t1 - t0) / K, Euler is x[k+1] = x[k] + h * v(t0 + k h, x[k]):
 for t0 = 0, t1 = 1 that is the contract's sampler, and for t0 = 1, t1 = 0 it is the inverse map
@@ -13,130 +14,72 @@ x <- x - (1/K) v(k/K, x) for k = K .. 1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+
+from service.tableau import SOLVER_NAMES, SOLVERS, Tableau, get_solver, kept_steps
+
+__all__ = [
+    "SOLVERS",
+    "SOLVER_NAMES",
+    "Field",
+    "StageRule",
+    "Tableau",
+    "get_solver",
+    "integrate",
+    "kept_steps",
+]
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(t, x): t (n, 1), x (n, m) -> (n, m)."""
 
 
-@dataclass(frozen=True)
-class Tableau:
-    """Butcher tableau of an explicit method whose stage i reads only the previous stage's slope.
+class StageRule:
+    """One tableau's coefficients as per-stage tensors, so that one call updates many rows, each
+    at its own stage.
 
-    c[i]: time offset of stage i (in steps); a[i]: weight of slope i-1 in stage i's input (a[0]
-    unused); b[i]: weight of slope i in the step.
+    A row's state for a multi-stage method is: `base` (n, m), the state at the start of the step;
+    `y` (n, m), where the next slope is taken; `acc` (n, m), the weighted sum of the step's slopes
+    so far; `stage` (n,) or (n, 1), its stage index (a float or integer tensor); `steps` (n, 1),
+    whole steps done. Euler needs none but x (its `y` is x itself).
     """
 
-    name: str
-    c: tuple[float, ...]
-    a: tuple[float, ...]
-    b: tuple[float, ...]
-    order: int
-
-    @property
-    def stages(self) -> int:
-        return len(self.c)
-
-
-SOLVERS: dict[str, Tableau] = {
-    "euler": Tableau("euler", c=(0.0,), a=(0.0,), b=(1.0,), order=1),
-    "midpoint": Tableau("midpoint", c=(0.0, 0.5), a=(0.0, 0.5), b=(0.0, 1.0), order=2),
-    "heun": Tableau("heun", c=(0.0, 1.0), a=(0.0, 1.0), b=(0.5, 0.5), order=2),
-    "rk4": Tableau(
-        "rk4",
-        c=(0.0, 0.5, 0.5, 1.0),
-        a=(0.0, 0.5, 0.5, 1.0),
-        b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
-        order=4,
-    ),
-}
-
-
-def get_solver(name: str) -> Tableau:
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"solver: unknown {name!r}; choose one of {', '.join(SOLVERS)}") from None
-
-
-def kept_steps(num_steps: int, stride: int) -> list[int]:
-    """Step indices a trajectory keeps: 0, stride, 2 stride, ... and always num_steps."""
-    kept = list(range(0, num_steps + 1, stride))
-    if kept[-1] != num_steps:
-        kept.append(num_steps)
-    return kept
-
-
-class Stepper:
-    """Integrates one block of rows in place, one stage per `advance` call.
-
-    z: (n, m) state, updated in place (it may be a view into a larger tensor). `t` and `inputs`
-    say where the field must be evaluated next; `advance(slope)` consumes v(t, inputs) and returns
-    True when it completed a whole step (then `step` has grown by one and `z` holds the new state).
-    """
-
-    __slots__ = ("_acc", "_base", "_y", "num_steps", "stage", "step", "t0", "t1", "tableau", "z")
-
-    def __init__(self, z: torch.Tensor, tableau: Tableau, num_steps: int, t0: float, t1: float):
-        if num_steps < 1:
-            raise ValueError(f"num_steps: must be at least 1, got {num_steps}")
-        self.z = z
+    def __init__(
+        self, tableau: Tableau, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ):
+        stages = tableau.stages
         self.tableau = tableau
-        self.num_steps = num_steps
-        self.t0 = t0
-        self.t1 = t1
-        self.step = 0
-        self.stage = 0
-        if tableau.stages > 1:
-            self._base = z.clone()
-            self._acc = torch.zeros_like(z)
-            self._y = z.clone()
-        else:
-            self._base = self._acc = None
-            self._y = z
+        self.stages = stages
+        self.c = torch.tensor(tableau.c, device=device, dtype=dtype)
+        self.b = torch.tensor(tableau.b, device=device, dtype=dtype)
+        self.a_next = torch.tensor([*tableau.a[1:], 0.0], device=device, dtype=dtype)
+        self.last = torch.tensor([i == stages - 1 for i in range(stages)], device=device)
 
-    @property
-    def h(self) -> float:
-        return (self.t1 - self.t0) / self.num_steps
+    def times(
+        self, t0: torch.Tensor, steps: torch.Tensor, stage: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """(n, 1) time of each row's next evaluation: t0 + (steps + c[stage]) h."""
+        return torch.addcmul(t0, steps + self.c[stage].unsqueeze(1), h)
 
-    @property
-    def done(self) -> bool:
-        return self.step >= self.num_steps
-
-    @property
-    def t(self) -> float:
-        """Time of the next evaluation."""
-        return (
-            self.t0
-            + (self.t1 - self.t0) * (self.step + self.tableau.c[self.stage]) / self.num_steps
-        )
-
-    @property
-    def inputs(self) -> torch.Tensor:
-        """(n, m) state at which the next slope is taken."""
-        return self._y
-
-    def advance(self, slope: torch.Tensor) -> bool:
-        tab, h, i = self.tableau, self.h, self.stage
-        if tab.stages == 1:
-            self.z.add_(slope, alpha=h)
-            self.step += 1
-            return True
-        self._acc.add_(slope, alpha=tab.b[i])
-        if i + 1 < tab.stages:
-            torch.add(self._base, slope, alpha=h * tab.a[i + 1], out=self._y)
-            self.stage = i + 1
-            return False
-        self.z.copy_(self._base).add_(self._acc, alpha=h)
-        self.step += 1
-        self.stage = 0
-        if not self.done:
-            self._base.copy_(self.z)
-            self._acc.zero_()
-            self._y.copy_(self.z)
-        return True
+    def update(
+        self,
+        base: torch.Tensor,
+        y: torch.Tensor,
+        acc: torch.Tensor,
+        slope: torch.Tensor,
+        h: torch.Tensor,
+        stage: torch.Tensor,
+    ) -> torch.Tensor:
+        """Consume `slope` = v(t, y) for every row, in place; returns (n, 1) bool: True for rows
+        that completed a step (their `base` and `y` now hold the new state, `acc` is zero)."""
+        acc.addcmul_(self.b[stage].unsqueeze(1), slope)
+        last = self.last[stage].unsqueeze(1)
+        new_base = torch.addcmul(base, h, acc)
+        stage_input = torch.addcmul(base, h * self.a_next[stage].unsqueeze(1), slope)
+        base.copy_(torch.where(last, new_base, base))
+        y.copy_(torch.where(last, new_base, stage_input))
+        acc.masked_fill_(last, 0.0)
+        return last
 
 
 def integrate(
@@ -154,13 +97,27 @@ def integrate(
     x0: (n, m). Returns the final state (n, m), or with `stride` the kept states
     (len(kept_steps(num_steps, stride)), n, m).
     """
-    z = x0.clone()
-    stepper = Stepper(z, get_solver(solver), num_steps, t0, t1)
+    if num_steps < 1:
+        raise ValueError(f"num_steps: must be at least 1, got {num_steps}")
+    tableau = get_solver(solver)
+    n, dtype, device = x0.shape[0], x0.dtype, x0.device
     keep = set(kept_steps(num_steps, stride)) if stride else set()
-    path = [z.clone()] if stride else []
-    t = torch.empty(z.shape[0], 1, dtype=z.dtype, device=z.device)
-    while not stepper.done:
-        slope = field(t.fill_(stepper.t), stepper.inputs)
-        if stepper.advance(slope) and stepper.step in keep:
-            path.append(z.clone())
-    return torch.stack(path) if stride else z
+    h = torch.full((n, 1), (t1 - t0) / num_steps, dtype=dtype, device=device)
+    start = torch.full((n, 1), t0, dtype=dtype, device=device)
+    x = x0.clone()
+    path = [x.clone()] if stride else []
+    rule = StageRule(tableau, device, dtype)
+    if tableau.stages > 1:
+        y, acc = x.clone(), torch.zeros_like(x)
+    for step in range(num_steps):
+        steps = torch.full((n, 1), float(step), dtype=dtype, device=device)
+        if tableau.stages == 1:
+            x.addcmul_(h, field(torch.addcmul(start, steps, h), x))
+        else:
+            for i in range(tableau.stages):
+                stage = torch.full((n,), i, dtype=torch.long, device=device)
+                slope = field(rule.times(start, steps, stage, h), y)
+                rule.update(x, y, acc, slope, h, stage)
+        if step + 1 in keep:
+            path.append(x.clone())
+    return torch.stack(path) if stride else x

@@ -10,7 +10,6 @@ turns NaN exits 1 and writes nothing; Ctrl-C exits 130 and writes nothing.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from service.cli import OneLineParser, UsageError
+from service.devices import DEVICES, resolve_device
 from service.solvers import integrate
 from training.config import Config, TrainConfig, load_config
 from training.coupling import pair
@@ -223,31 +224,22 @@ def run(
     )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="training config (JSON)")
     parser.add_argument("--out", required=True, type=Path, help="artifact folder to write")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--seed", type=int, help="override train.seed")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     try:
         check_name(args.out)
         config = load_config(args.config, overrides={"steps": args.steps, "seed": args.seed})
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         run(config, args.out, device)
     except (ValueError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)

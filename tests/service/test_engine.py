@@ -19,11 +19,12 @@ from service.engine import (
     DeadlineExceeded,
     Divergence,
     Engine,
-    EngineError,
     EngineStopped,
     Job,
+    ModelFailed,
     QueueFull,
 )
+from service.field import Signature, VelocityField
 from service.loader import LoadedModel
 from service.mixture import GaussianMixture
 from service.solvers import integrate, kept_steps
@@ -62,19 +63,26 @@ class Gate:
         self.released.set()
 
 
-def loaded_model(module, autograd_module) -> LoadedModel:
-    """A model as the loader would hand it over: `module` for plain passes, `autograd_module`
-    for passes that take the divergence; source N(0, I)."""
+def loaded_model(module, autograd_module, *, small=None, small_rows: int = 0) -> LoadedModel:
+    """A model as the loader would hand it over: `module` for plain passes (`small` for those
+    under `small_rows` rows), `autograd_module` for passes that take the divergence; source
+    N(0, I)."""
     source = GaussianMixture.from_spec(
         {"means": [[0.0] * DIM], "covs": [torch.eye(DIM).tolist()], "weights": [1.0]}
+    )
+    field = VelocityField(
+        Signature(DIM, (DIM,)),
+        module,
+        autograd=autograd_module,
+        small=small,
+        small_rows=small_rows,
     )
     return LoadedModel(
         name="m",
         dim=DIM,
         source=source,
         manifest={},
-        module=module,
-        autograd_module=autograd_module,
+        field=field,
         device=torch.device("cpu"),
     )
 
@@ -223,9 +231,8 @@ async def test_passes_under_fused_min_rows_run_the_unfused_graph(
     field, rows: int, fused_calls: int
 ) -> None:
     fused, unfused = Gate(field), Gate(field)
-    model = loaded_model(fused, field)
-    model.unfused_module = unfused
-    engine = Engine(model, max_batch_rows=64, block_rows=64, max_queue_rows=1000, fused_min_rows=10)
+    model = loaded_model(fused, field, small=unfused, small_rows=10)
+    engine = Engine(model, max_batch_rows=64, block_rows=64, max_queue_rows=1000)
     engine.start()
     try:
         spec = Spec(rows, 5)
@@ -310,7 +317,7 @@ async def test_a_failing_field_fails_its_jobs_and_the_engine_goes_on(make_engine
     setup = make_engine()
     engine, gate = setup.engine, setup.gate
     gate.fail_at = 2
-    with pytest.raises(EngineError, match=r"^model evaluation failed: field exploded$"):
+    with pytest.raises(ModelFailed, match=r"^model evaluation failed: field exploded$"):
         await engine.run(Spec(4, 5).job(0))
     result = await engine.run(Spec(4, 5).job(1))
     check(Spec(4, 5), result, field, 1)
@@ -345,7 +352,7 @@ async def test_a_stopped_engine_refuses_work(make_engine) -> None:
 
 
 def test_block_rows_may_not_exceed_the_batch(field) -> None:
-    model = LoadedModel("m", DIM, None, {}, field, field, torch.device("cpu"))
+    model = loaded_model(field, field)
     with pytest.raises(
         ValueError, match=r"^block_rows \(9\) must not exceed max_batch_rows \(8\)$"
     ):
@@ -377,7 +384,7 @@ async def test_a_failing_lane_fails_only_its_own_jobs(field) -> None:
     engine = engine_for(field, broken)
     try:
         plain = asyncio.ensure_future(engine.run(Spec(4, 6).job(0)))
-        with pytest.raises(EngineError, match="field exploded"):
+        with pytest.raises(ModelFailed, match="field exploded"):
             await engine.run(likelihood_job(4, 6))
         check(Spec(4, 6), await plain, field, 0)
     finally:

@@ -10,7 +10,8 @@ import torch
 from conftest import PostFlow
 
 from service import fastpath
-from service.fastpath import optimize
+from service.fastpath import optimize as optimize_field
+from service.field import Signature, VelocityField
 
 CPU = torch.device("cpu")
 TIMER = fastpath._speedup  # the real one; the fixture below stands in for it
@@ -47,6 +48,11 @@ class InnerConcat(torch.nn.Module):
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         hidden = torch.tanh(self.inner(torch.cat([t, x], 1)))
         return self.outer(torch.cat([hidden, -hidden], -1))
+
+
+def optimize(module, dim: int, rewrites=fastpath.DEFAULT_REWRITES):
+    """`fastpath.optimize` on the field of a plain (t, x) model of dimension `dim`."""
+    return optimize_field(VelocityField(Signature(dim, (dim,)), module), rewrites)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +99,7 @@ def outputs(module, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_each_rewrite_applies_and_keeps_the_numbers(module, dim, rewrites) -> None:
     torch.manual_seed(0)
     loaded = torch.jit.script(module.eval())
-    fast, applied, _ = optimize(loaded, dim, CPU, rewrites)
+    fast, applied, _ = optimize(loaded, dim, rewrites)
     assert applied == list(rewrites)
     graph = str(fast.graph)
     assert ("aten::elu" in graph) == ("elu" not in rewrites)
@@ -105,12 +111,12 @@ def test_each_rewrite_applies_and_keeps_the_numbers(module, dim, rewrites) -> No
 
 
 def test_rewrites_that_find_nothing_to_do_are_not_reported() -> None:
-    _, applied, _ = optimize(torch.jit.script(NoConcat()), 2, CPU, fastpath.REWRITES)
+    _, applied, _ = optimize(torch.jit.script(NoConcat()), 2, fastpath.REWRITES)
     assert applied == ["freeze"]
 
 
 def test_a_rewrite_that_changes_the_numbers_is_dropped(monkeypatch, caplog) -> None:
-    def wrong(graph: torch._C.Graph, dim: int) -> bool:
+    def wrong(graph: torch._C.Graph, signature: Signature) -> bool:
         for node in graph.findAllNodes("aten::elu"):
             node.output().replaceAllUsesWith(node.inputsAt(0))  # elu -> identity
             node.destroy()
@@ -119,7 +125,7 @@ def test_a_rewrite_that_changes_the_numbers_is_dropped(monkeypatch, caplog) -> N
     monkeypatch.setitem(fastpath._GRAPH_REWRITES, "elu", wrong)
     loaded = torch.jit.script(PostFlow(2).eval())
     with caplog.at_level(logging.WARNING, logger="flowserve.fastpath"):
-        fast, applied, _ = optimize(loaded, 2, CPU, fastpath.REWRITES)
+        fast, applied, _ = optimize(loaded, 2, fastpath.REWRITES)
     assert applied == ["freeze", "time_fold", "onednn"]
     assert "graph rewrite elu skipped: output differs from the loaded graph" in caplog.text
     assert "aten::elu" in str(fast.graph)
@@ -128,7 +134,7 @@ def test_a_rewrite_that_changes_the_numbers_is_dropped(monkeypatch, caplog) -> N
 def test_onednn_fuses_the_graph_and_keeps_an_unfused_copy_for_small_passes() -> None:
     torch.manual_seed(0)
     loaded = torch.jit.script(PostFlow(2).eval())
-    fast, applied, unfused = optimize(loaded, 2, CPU, ("freeze", "onednn"))
+    fast, applied, unfused = optimize(loaded, 2, ("freeze", "onednn"))
     assert applied == ["freeze", "onednn"]
     assert torch._C._jit_llga_enabled()
     # linear+elu three times, and the last linear; the concatenation may form one more group
@@ -141,7 +147,7 @@ def test_onednn_fuses_the_graph_and_keeps_an_unfused_copy_for_small_passes() -> 
 
 def test_onednn_is_not_reported_when_the_fuser_finds_nothing() -> None:
     torch.jit.enable_onednn_fusion(False)
-    fast, applied, unfused = optimize(torch.jit.script(NoConcat()), 2, CPU, ("freeze", "onednn"))
+    fast, applied, unfused = optimize(torch.jit.script(NoConcat()), 2, ("freeze", "onednn"))
     assert applied == ["freeze"]
     assert unfused is None
     assert not torch._C._jit_llga_enabled()
@@ -155,7 +161,7 @@ def test_a_fused_graph_that_changes_the_numbers_is_dropped(monkeypatch, caplog) 
     monkeypatch.setattr(fastpath, "ATOL", 0.0)
     loaded = torch.jit.script(PostFlow(2).eval())
     with caplog.at_level(logging.WARNING, logger="flowserve.fastpath"):
-        fast, applied, unfused = optimize(loaded, 2, CPU, ("freeze", "onednn"))
+        fast, applied, unfused = optimize(loaded, 2, ("freeze", "onednn"))
     assert applied == ["freeze"]
     assert unfused is None
     assert "graph rewrite onednn skipped: output differs from the unfused graph" in caplog.text
@@ -166,7 +172,7 @@ def test_a_fused_graph_that_changes_the_numbers_is_dropped(monkeypatch, caplog) 
 def test_onednn_is_left_alone_without_mkldnn(monkeypatch) -> None:
     torch.jit.enable_onednn_fusion(False)
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    _, applied, unfused = optimize(torch.jit.script(PostFlow(2).eval()), 2, CPU)
+    _, applied, unfused = optimize(torch.jit.script(PostFlow(2).eval()), 2)
     assert applied == ["freeze"]
     assert unfused is None
     assert not torch._C._jit_llga_enabled()
@@ -178,7 +184,7 @@ def test_a_fused_graph_that_is_not_faster_is_not_used(monkeypatch, caplog, was_o
     torch.jit.enable_onednn_fusion(was_on)
     loaded = torch.jit.script(PostFlow(2).eval())
     with caplog.at_level(logging.INFO, logger="flowserve.fastpath"):
-        fast, applied, unfused = optimize(loaded, 2, CPU, ("freeze", "onednn"))
+        fast, applied, unfused = optimize(loaded, 2, ("freeze", "onednn"))
     assert applied == ["freeze"]
     assert unfused is None
     assert "onednn skipped: the fused graph is not faster (0.84x at 4099 rows)" in caplog.text
@@ -196,8 +202,10 @@ def test_the_timer_alternates_the_two_graphs() -> None:
 
         return run
 
-    t, x = torch.rand(4, 1), torch.randn(4, 2)
-    ratio = TIMER(module("fused"), module("unfused"), t, x)
+    probe = (torch.rand(4, 1), torch.randn(4, 2), None)
+    signature = Signature(2, (2,))
+    fields = [VelocityField(signature, module(name)) for name in ("fused", "unfused")]
+    ratio = TIMER(*fields, probe)
     assert calls == ["fused", "unfused"] * fastpath.TIMING_REPS
     assert ratio > 0
 
@@ -206,7 +214,7 @@ def test_the_fused_graph_leaves_concatenations_along_dim_1_to_aten() -> None:
     torch.manual_seed(0)
     for module, dim, cats_left in [(PostFlow(2), 2, 0), (InnerConcat(), 2, 1)]:
         loaded = torch.jit.script(module.eval())
-        fast, applied, unfused = optimize(loaded, dim, CPU, ("freeze", "onednn"))
+        fast, applied, unfused = optimize(loaded, dim, ("freeze", "onednn"))
         assert applied == ["freeze", "onednn"]
         # the inputs' concatenation becomes hstack; one of inner values along -1 stays a cat,
         # as its rank is not known from the graph

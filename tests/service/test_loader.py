@@ -61,29 +61,29 @@ def test_a_good_folder_loads(tmp_path: Path) -> None:
     assert model.manifest == json.loads((folder / "manifest.json").read_text())
     assert model.source.dim == 3
     t, x = torch.rand(4, 1), torch.randn(4, 3)
-    torch.testing.assert_close(model.module(t, x), 0.5 * x)
-    torch.testing.assert_close(model.autograd_module(t, x), 0.5 * x)
+    torch.testing.assert_close(model.field(t, x), 0.5 * x)
+    torch.testing.assert_close(model.field.differentiable(t, x), 0.5 * x)
 
 
 def test_the_bundled_model_is_served_fused_with_an_unfused_copy(monkeypatch) -> None:
     monkeypatch.setattr(fastpath, "_speedup", lambda *_: 2.0)  # whether it pays is timed
     model = load_model(REPO_ROOT / "models" / "four-gaussians", CPU)
     assert model.optimizations == ["freeze", "onednn"]
-    assert model.unfused_module is not None
+    assert model.field.small is not None
     # Eager PyTorch with the same weights: ATen's kernels, as the unfused graph runs them.
     eager = VelocityMLP(2, hidden=64, layers=3).eval()
-    eager.load_state_dict(model.autograd_module.state_dict())
+    eager.load_state_dict(model.field.autograd.state_dict())
     t, x = torch.rand(300, 1), 3 * torch.randn(300, 2)
     with torch.no_grad():
         expected = eager(t, x)
-        torch.testing.assert_close(model.module(t, x), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.unfused_module(t, x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model.field(t, x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.field.small(t, x), expected, rtol=0, atol=0)
 
 
 def test_optimisation_can_be_turned_off(tmp_path: Path) -> None:
     model = load_model(write_model_dir(tmp_path, "tiny"), CPU, rewrites=())
     assert model.optimizations == []
-    assert model.module is model.autograd_module
+    assert model.field.graph is model.field.autograd
 
 
 def mutate_json(folder: Path) -> None:
@@ -144,7 +144,7 @@ REFUSALS = [
         "forward(t, x) returned (5, 1) for x of shape (5, 2)",
     ),
     ("float64", swap_module(Doubles()), "forward(t, x) returned torch.float64, expected"),
-    ("probe fails", swap_module(Raises()), "forward(t, x) failed on a probe input: "),
+    ("probe fails", swap_module(Raises()), "forward(t, x) failed on a probe input of 5 rows: "),
 ]
 
 
@@ -188,7 +188,7 @@ def test_a_tampered_model_is_refused_and_logged_while_its_neighbour_serves(
         "refused model wrong-shape: forward(t, x) returned (5, 1) for x of shape (5, 2)"
     )
     x = torch.randn(3, 2)
-    torch.testing.assert_close(models["good"].module(torch.zeros(3, 1), x), 0.25 * x)
+    torch.testing.assert_close(models["good"].field(torch.zeros(3, 1), x), 0.25 * x)
 
 
 def test_a_module_of_another_architecture_loads(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_a_module_of_another_architecture_loads(tmp_path: Path) -> None:
     model = load_model(write_module_dir(tmp_path, "res", module, source, 3), CPU)
     t, x = torch.rand(6, 1), torch.randn(6, 3)
     with torch.no_grad():
-        torch.testing.assert_close(model.module(t, x), module(t, x))
+        torch.testing.assert_close(model.field(t, x), module(t, x))
 
 
 def test_a_missing_models_dir_serves_nothing(

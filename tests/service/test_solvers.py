@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from service.solvers import SOLVERS, Stepper, get_solver, integrate, kept_steps
+from service.solvers import SOLVERS, StageRule, get_solver, integrate, kept_steps
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 
@@ -154,18 +154,53 @@ def test_unknown_solver_names_the_choices() -> None:
         get_solver("rk5")
 
 
-def test_stepper_needs_a_step() -> None:
+def test_integrate_needs_a_step() -> None:
     with pytest.raises(ValueError, match=r"^num_steps: must be at least 1, got 0$"):
-        Stepper(torch.zeros(1, 2), SOLVERS["euler"], 0, 0.0, 1.0)
+        integrate(decay, start_points(), 0)
 
 
-def test_stepper_reports_stage_times_and_whole_steps() -> None:
-    z = torch.zeros(1, 1, dtype=torch.float64)
-    stepper = Stepper(z, SOLVERS["rk4"], 2, 0.0, 1.0)
+def test_the_stage_rule_reports_stage_times_and_whole_steps() -> None:
+    # Two rk4 steps on v = 1, one row: the stage times are those of the tableau, a step completes
+    # on the fourth stage only, and the state lands exactly 1 further.
+    rule = StageRule(SOLVERS["rk4"], "cpu", torch.float64)
+    base, y, acc = (torch.zeros(1, 1, dtype=torch.float64) for _ in range(3))
+    h = torch.full((1, 1), 0.5, dtype=torch.float64)
+    start = torch.zeros(1, 1, dtype=torch.float64)
+    steps = torch.zeros(1, 1, dtype=torch.float64)
     times, completed = [], []
-    while not stepper.done:
-        times.append(stepper.t)
-        completed.append(stepper.advance(torch.ones(1, 1, dtype=torch.float64)))
+    for _ in range(2):
+        for i in range(4):
+            stage = torch.tensor([i])
+            times.append(rule.times(start, steps, stage, h).item())
+            last = rule.update(base, y, acc, torch.ones(1, 1, dtype=torch.float64), h, stage)
+            completed.append(bool(last.item()))
+        steps += 1
     assert times == [0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0]
     assert completed == [False, False, False, True] * 2
-    assert z.item() == pytest.approx(1.0)
+    assert base.item() == pytest.approx(1.0)
+    assert torch.equal(y, base)
+    assert acc.item() == 0.0
+
+
+def test_rows_at_different_stages_advance_as_they_would_alone() -> None:
+    # One update over rows at stages 0 and 1 of heun equals each row updated on its own.
+    rule = StageRule(SOLVERS["heun"], "cpu", torch.float64)
+    base = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0], [2.5]], dtype=torch.float64)
+    acc = torch.tensor([[0.0], [0.25]], dtype=torch.float64)
+    slope = torch.tensor([[0.5], [-1.0]], dtype=torch.float64)
+    h = torch.full((2, 1), 0.1, dtype=torch.float64)
+    stage = torch.tensor([0, 1])
+    alone = []
+    for row in range(2):
+        parts = [t[row : row + 1].clone() for t in (base, y, acc)]
+        rule.update(*parts, slope[row : row + 1], h[row : row + 1], stage[row : row + 1])
+        alone.append(parts)
+    last = rule.update(base, y, acc, slope, h, stage)
+    assert last.squeeze(1).tolist() == [False, True]
+    for row in range(2):
+        for together, own in zip((base, y, acc), alone[row], strict=True):
+            assert torch.equal(together[row : row + 1], own)
+    # Row 0 is now at heun's second stage: y = base + h * slope; row 1 finished its step.
+    assert y[0].item() == pytest.approx(1.0 + 0.1 * 0.5)
+    assert base[1].item() == pytest.approx(2.0 + 0.1 * (0.25 + 0.5 * -1.0))
