@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.encoding import json_response
 from service.errors import ServiceError, Unavailable, describe_validation, status_of
 from service.metrics import Metrics
-from service.middleware import AccessLog, BearerAuth, BodyLimit
+from service.middleware import AccessLog, BearerAuth, BodyLimit, NpyBody
 from service.registry import Registry
 from service.routes import router
 from service.settings import Settings, get_settings
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     install_error_handlers(app, settings.retry_after_s)
+    app.add_middleware(NpyBody)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(BearerAuth, keys=settings.api_keys())
     endpoints = frozenset(route.path for route in router.routes) | {"/docs", "/openapi.json"}

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from service.client import FlowClient, FlowError, PayloadTooLarge
+from service.client import AnswerInfo, FlowClient, FlowError, PayloadTooLarge
 from service.tableau import SOLVER_NAMES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -85,30 +85,48 @@ def read_points(path: str, flag: str) -> np.ndarray:
     return points
 
 
-def write_array(path: str, array: np.ndarray, times: np.ndarray | None = None) -> None:
-    """Writes .npy as is, or .csv: rows of `array`; a trajectory (T, n, d) in long form with
-    columns time, sample, x0 .. x{d-1}."""
+def write_array(
+    path: str,
+    array: np.ndarray,
+    times: np.ndarray | None = None,
+    *,
+    column: str | None = None,
+) -> None:
+    """Writes .npy as is, or .csv: one row per point with columns dim0 .. dim{d-1} (a sample of
+    any shape is flattened), or the single column `column` for a vector; with `times`, a
+    trajectory (T, n, *shape) in long form with columns time, sample, dim0 ...
+
+    Columns are "dim<i>", not "x<i>": x0 and x1 are the flow's noise and data."""
     file = Path(path)
     if file.suffix.lower() == ".npy":
         np.save(file, array)
         return
-    if array.ndim == 3:
-        steps, n, d = array.shape
-        t = np.repeat(times if times is not None else np.arange(steps), n)
+    if times is not None:
+        steps, n = array.shape[:2]
+        flat = array.reshape(steps * n, -1)
+        t = np.repeat(times, n)
         index = np.tile(np.arange(n), steps)
-        table = np.column_stack([t, index, array.reshape(steps * n, d)])
-        header = ",".join(["time", "sample", *(f"x{i}" for i in range(d))])
+        table = np.column_stack([t, index, flat])
+        header = ",".join(["time", "sample", *(f"dim{i}" for i in range(flat.shape[1]))])
         np.savetxt(file, table, delimiter=",", header=header, comments="", fmt="%.9g")
         return
     if array.ndim == 1:
-        array = array[:, None]
-    header = ",".join(f"x{i}" for i in range(array.shape[1]))
-    np.savetxt(file, array, delimiter=",", header=header, comments="", fmt="%.9g")
+        header = column or "value"
+        np.savetxt(file, array[:, None], delimiter=",", header=header, comments="", fmt="%.9g")
+        return
+    flat = array.reshape(array.shape[0], -1)
+    header = ",".join(f"dim{i}" for i in range(flat.shape[1]))
+    np.savetxt(file, flat, delimiter=",", header=header, comments="", fmt="%.9g")
 
 
 def _check_output(path: str | None, flag: str, suffixes: Sequence[str]) -> None:
-    if path is not None and Path(path).suffix.lower() not in suffixes:
+    if path is None:
+        return
+    if Path(path).suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {path}: expected a file ending in {' or '.join(suffixes)}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
 
 
 def _pyplot() -> Any:
@@ -120,17 +138,26 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_points(path: str, points: np.ndarray, title: str) -> None:
-    """Scatter of the first two coordinates (a histogram for d = 1)."""
+AXES = ("dim 0", "dim 1")
+"""Axis labels of point plots: coordinates, not x0 and x1 (the flow's noise and data)."""
+
+
+def plot_points(
+    path: str, points: np.ndarray, title: str, labels: np.ndarray | None = None
+) -> None:
+    """Scatter of the first two coordinates (a histogram for d = 1), coloured by label."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
     if points.shape[1] == 1:
         ax.hist(points[:, 0], bins=100)
-        ax.set_xlabel("x0")
+        ax.set_xlabel(AXES[0])
     else:
-        ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
-        ax.set_xlabel("x0")
-        ax.set_ylabel("x1")
+        if labels is None:
+            ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+        else:
+            ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5, c=labels, cmap="tab10")
+        ax.set_xlabel(AXES[0])
+        ax.set_ylabel(AXES[1])
         ax.set_aspect("equal", adjustable="datalim")
     ax.set_title(title)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -145,13 +172,13 @@ def plot_paths(path: str, times: np.ndarray, states: np.ndarray, title: str) -> 
     if shown.shape[2] == 1:
         ax.plot(times, shown[:, :, 0], lw=0.5, alpha=0.6)
         ax.set_xlabel("t")
-        ax.set_ylabel("x0")
+        ax.set_ylabel(AXES[0])
     else:
         ax.plot(shown[:, :, 0], shown[:, :, 1], lw=0.7, alpha=0.6, color="tab:blue")
         ax.scatter(shown[0, :, 0], shown[0, :, 1], s=4, color="grey", label="t = 0")
         ax.scatter(shown[-1, :, 0], shown[-1, :, 1], s=4, color="tab:red", label="t = 1")
-        ax.set_xlabel("x0")
-        ax.set_ylabel("x1")
+        ax.set_xlabel(AXES[0])
+        ax.set_ylabel(AXES[1])
         ax.set_aspect("equal", adjustable="datalim")
         ax.legend(loc="upper right")
     ax.set_title(title)
@@ -176,20 +203,57 @@ def plot_density(
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.legend(loc="upper right")
-    ax.set_xlabel("x0")
-    ax.set_ylabel("x1")
+    ax.set_xlabel(AXES[0])
+    ax.set_ylabel(AXES[1])
     ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_images(
+    path: str,
+    images: np.ndarray,
+    title: str,
+    data_range: Sequence[float] | None,
+    columns: int | None = None,
+) -> None:
+    """A grid of image samples (n, H, W), (n, 1, H, W) or (n, 3, H, W), `columns` a row (one
+    row per class when the rows were asked for class by class)."""
+    plt = _pyplot()
+    count = images.shape[0]
+    columns = columns or int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    pictures = images if images.ndim == 4 else images[:, None]
+    low, high = data_range if data_range is not None else (images.min(), images.max())
+    pictures = np.clip((pictures - low) / max(high - low, 1e-12), 0, 1).transpose(0, 2, 3, 1)
+    if pictures.shape[-1] == 1:
+        pictures = np.repeat(pictures, 3, axis=-1)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(columns * 0.8, rows * 0.8 + 0.5), squeeze=False
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(count):
+        axes[i // columns, i % columns].imshow(pictures[i], interpolation="nearest")
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def _summary(name: str, array: np.ndarray) -> str:
     """`name: shape (n, d)` then per-dimension mean and std of the rows."""
+    flat = array.reshape(array.shape[0], -1)
+    if flat.shape[1] > 8:  # an image: one figure, not one per pixel
+        return (
+            f"{name}: shape {tuple(array.shape)}\n"
+            f"  mean {flat.mean():.4f}  std {flat.std():.4f}  "
+            f"range [{flat.min():.4f}, {flat.max():.4f}]"
+        )
     with np.printoptions(precision=4, suppress=True):
         return (
             f"{name}: shape {tuple(array.shape)}\n"
-            f"  mean {array.mean(axis=0)}\n"
-            f"  std  {array.std(axis=0)}"
+            f"  mean {flat.mean(axis=0)}\n"
+            f"  std  {flat.std(axis=0)}"
         )
 
 
@@ -206,78 +270,164 @@ def _seed(args: argparse.Namespace) -> int:
     return args.seed if args.seed is not None else secrets.randbelow(2**31)
 
 
-def _model_label(args: argparse.Namespace) -> str:
-    return args.model or "default model"
+def _labels(args: argparse.Namespace, rows: int | None) -> tuple[Any, int | None, int | None]:
+    """(labels to send, rows, labels per class): `--labels 3` asks every row for class 3;
+    `--labels 0,1,2` with `--num-samples 30` asks 10 rows of each, class by class (one each
+    without --num-samples). Indices and names both work; "7" is sent as the index 7."""
+    if not args.labels:
+        return None, rows, None
+    parts = [part.strip() for part in args.labels.split(",") if part.strip()]
+    values: list[int | str] = [int(part) if part.isdigit() else part for part in parts]
+    if len(values) == 1:
+        return values[0], rows, None
+    rows = rows or len(values)
+    if rows % len(values):
+        raise UsageError(
+            f"--labels: {len(values)} labels do not divide --num-samples {rows}; give a multiple"
+        )
+    each = rows // len(values)
+    return [value for value in values for _ in range(each)], rows, each
+
+
+def _condition(args: argparse.Namespace) -> list[float] | None:
+    if not args.condition:
+        return None
+    try:
+        return [float(part) for part in args.condition.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--condition: expected comma-separated numbers, got {args.condition!r}"
+        ) from None
+
+
+def _describe(info: AnswerInfo) -> str:
+    """`model four-gaussians, seed 7, nfe 100[, guidance 2]`: what reproduces the answer."""
+    parts = [f"model {info.model}"]
+    if info.seed is not None:
+        parts.append(f"seed {info.seed}")
+    parts.append(f"{info.num_steps} {info.solver} steps, nfe {info.nfe}")
+    if info.guidance_scale is not None:
+        parts.append(f"guidance {info.guidance_scale:g}")
+    return ", ".join(parts)
+
+
+def _plot_samples(
+    client: FlowClient,
+    path: str,
+    samples: np.ndarray,
+    info: AnswerInfo,
+    title: str,
+    labels: Any,
+    per_class: int | None,
+) -> None:
+    """Images as a grid (one row per class when asked class by class), points as a scatter."""
+    if samples.ndim >= 3 and (samples.ndim == 3 or samples.shape[1] in (1, 3)):
+        data_range = client.model(info.model).get("data_range") if info.model else None
+        plot_images(path, samples, title, data_range, columns=per_class)
+        return
+    colours = np.asarray(labels) if isinstance(labels, list) and per_class else None
+    plot_points(path, samples.reshape(samples.shape[0], -1), title, colours)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     x0 = read_points(args.x0, "--x0") if args.x0 else None
-    seed = _seed(args)
+    seed = _seed(args) if x0 is None else None
+    labels, rows, per_class = _labels(args, args.num_samples)
     with _client(args) as client:
-        samples = client.sample(
+        samples, info = client.sample(
             model=args.model,
-            num_samples=args.num_samples,
+            num_samples=rows if x0 is None else None,
             num_steps=args.num_steps,
             seed=seed,
             x0=x0,
             solver=args.solver,
+            labels=labels,
+            condition=_condition(args),
+            guidance_scale=args.guidance,
+            with_info=True,
         )
-    print(_summary("samples", samples))
-    print(f"  model {_model_label(args)}, seed {seed}")
-    if args.out:
-        write_array(args.out, samples)
-        print(f"wrote {args.out}")
-    if args.plot:
-        plot_points(args.plot, samples, f"samples, {_model_label(args)}, seed {seed}")
-        print(f"wrote {args.plot}")
+        print(_summary("samples", samples))
+        print(f"  {_describe(info)}")
+        if args.out:
+            write_array(args.out, samples)
+            print(f"wrote {args.out}")
+        if args.plot:
+            title = f"samples: {_describe(info)}"
+            _plot_samples(client, args.plot, samples, info, title, labels, per_class)
+            print(f"wrote {args.plot}")
     return 0
 
 
 def cmd_trajectory(args: argparse.Namespace) -> int:
     x0 = read_points(args.x0, "--x0") if args.x0 else None
-    seed = _seed(args)
+    seed = _seed(args) if x0 is None else None
+    labels, rows, _ = _labels(args, args.num_samples)
     with _client(args) as client:
-        times, states = client.trajectory(
+        times, states, info = client.trajectory(
             model=args.model,
-            num_samples=args.num_samples,
+            num_samples=rows if x0 is None else None,
             num_steps=args.num_steps,
             seed=seed,
             x0=x0,
             stride=args.stride,
             solver=args.solver,
+            labels=labels,
+            condition=_condition(args),
+            guidance_scale=args.guidance,
+            with_info=True,
         )
     print(f"trajectory: shape {tuple(states.shape)}, {len(times)} times from 0 to 1")
     print(_summary("final state", states[-1]))
-    print(f"  model {_model_label(args)}, seed {seed}")
+    print(f"  {_describe(info)}")
     if args.out:
         write_array(args.out, states, times)
         print(f"wrote {args.out}")
     if args.plot:
-        plot_paths(args.plot, times, states, f"paths, {_model_label(args)}, seed {seed}")
+        flat = states.reshape(*states.shape[:2], -1)
+        plot_paths(args.plot, times, flat, f"paths: {_describe(info)}")
         print(f"wrote {args.plot}")
     return 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
     x = read_points(args.x, "--x")
+    labels, _, _ = _labels(args, len(x))
     with _client(args) as client:
-        latents = client.encode(x=x, model=args.model, num_steps=args.num_steps, solver=args.solver)
+        latents, info = client.encode(
+            x=x,
+            model=args.model,
+            num_steps=args.num_steps,
+            solver=args.solver,
+            labels=labels,
+            condition=_condition(args),
+            guidance_scale=args.guidance,
+            with_info=True,
+        )
     print(_summary("latents", latents))
-    print(f"  model {_model_label(args)}")
+    print(f"  {_describe(info)}")
     if args.out:
         write_array(args.out, latents)
         print(f"wrote {args.out}")
     if args.plot:
-        plot_points(args.plot, latents, f"latents, {_model_label(args)}")
+        plot_points(args.plot, latents.reshape(len(latents), -1), f"latents: {_describe(info)}")
         print(f"wrote {args.plot}")
     return 0
 
 
 def _log_prob_batched(
     client: FlowClient, points: np.ndarray, batch_rows: int, args: argparse.Namespace
-) -> np.ndarray:
-    """log p(points) (n,) in requests of at most `batch_rows` rows, halving on a 413."""
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """log p(points) (n,) in requests of at most `batch_rows` rows, halving on a 413, and the
+    last answer's other fields (model, divergence, seed, num_probes, nfe). Hutchinson requests
+    all carry one seed: the user's, else one drawn here."""
     out = np.empty(points.shape[0], dtype=np.float64)
+    seed = args.seed
+    if seed is None and args.divergence == "hutchinson":
+        seed = secrets.randbelow(2**31)
+    labels, _, _ = _labels(args, None)
+    if isinstance(labels, list):
+        raise UsageError("--labels: log-prob takes one label for every point")
+    answer: dict[str, Any] = {}
     start = 0
     while start < points.shape[0]:
         stop = min(start + batch_rows, points.shape[0])
@@ -289,7 +439,10 @@ def _log_prob_batched(
                 solver=args.solver,
                 divergence=args.divergence,
                 num_probes=args.num_probes,
-                seed=args.seed,
+                seed=seed,
+                labels=labels,
+                condition=_condition(args),
+                guidance_scale=args.guidance,
             )
         except PayloadTooLarge:
             if batch_rows == 1:
@@ -298,7 +451,16 @@ def _log_prob_batched(
             continue
         out[start:stop] = answer["log_prob"]
         start = stop
-    return out
+    return out, answer
+
+
+def _log_prob_fields(answer: dict[str, Any]) -> str:
+    """`model four-gaussians, exact divergence, nfe 100`, with the seed and probes of Hutchinson."""
+    parts = [f"model {answer.get('model')}", f"{answer.get('divergence')} divergence"]
+    if answer.get("seed") is not None:
+        parts.append(f"seed {answer['seed']}, {answer.get('num_probes')} probes")
+    parts.append(f"nfe {answer.get('nfe')}")
+    return ", ".join(parts)
 
 
 def cmd_log_prob(args: argparse.Namespace) -> int:
@@ -308,12 +470,12 @@ def cmd_log_prob(args: argparse.Namespace) -> int:
         raise UsageError("log-prob: give --x FILE, or --grid")
     x = read_points(args.x, "--x")
     with _client(args) as client:
-        log_prob = _log_prob_batched(client, x, args.batch_rows, args)
+        log_prob, answer = _log_prob_batched(client, x, args.batch_rows, args)
     print(f"log_prob: shape {log_prob.shape}")
     print(f"  mean {log_prob.mean():.4f}  min {log_prob.min():.4f}  max {log_prob.max():.4f}")
-    print(f"  model {_model_label(args)}")
+    print(f"  {_log_prob_fields(answer)}")
     if args.out:
-        write_array(args.out, log_prob)
+        write_array(args.out, log_prob, column="log_prob")
         print(f"wrote {args.out}")
     return 0
 
@@ -335,13 +497,14 @@ def _log_prob_grid(args: argparse.Namespace) -> int:
             dim = client.model(args.model).get("dim")
             if dim != 2:
                 raise UsageError(f"log-prob --grid: model {args.model} has dim {dim}, needs 2")
-        log_prob = _log_prob_batched(client, points, args.batch_rows, args)
+        log_prob, answer = _log_prob_batched(client, points, args.batch_rows, args)
     density = np.exp(log_prob).reshape(n, n)
     mass = float(density.sum() * hx * hy)
-    title = f"density, {_model_label(args)}, mass {mass:.4f}"
+    title = f"density, model {answer.get('model')}, mass {mass:.4f}"
     plot_density(args.plot, density, (xmin, xmax, ymin, ymax), samples, title)
     print(f"grid: {n} x {n} over [{xmin:g}, {xmax:g}] x [{ymin:g}, {ymax:g}]")
     print(f"  integrated mass {mass:.4f}")
+    print(f"  {_log_prob_fields(answer)}")
     print(f"wrote {args.plot}")
     if args.out:
         write_array(args.out, density)
@@ -357,6 +520,12 @@ def cmd_serve(argv: list[str]) -> int:
 
 def cmd_train(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "training.train", *argv])
+
+
+def cmd_package(argv: list[str]) -> int:
+    from service.package import main as package
+
+    return package(argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,12 +572,33 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def _model_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
     parser.add_argument("--model", help="model name (default: the server's default model)")
     parser.add_argument("--num-steps", type=_positive_int, help="solver steps K")
     parser.add_argument("--solver", choices=SOLVER_NAMES, help="ODE solver (server default: euler)")
     if seed:
         parser.add_argument("--seed", type=int, help="seed (default: a fresh one, printed)")
+    parser.add_argument(
+        "--labels",
+        help="class-conditional models: a class (index or name) for every row, or a "
+        "comma-separated list, each asked for num-samples / len(list) rows",
+    )
+    parser.add_argument(
+        "--condition", help="vector-conditional models: one comma-separated vector for every row"
+    )
+    parser.add_argument(
+        "--guidance", type=_non_negative_float, help="guidance scale w (default: the model's)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("serve", help="start the server (flags of python -m service)")
     commands.add_parser("train", help="train a model (flags of python -m training.train)")
+    commands.add_parser(
+        "package", help="make a model folder from any TorchScript field (see flowserve package -h)"
+    )
 
     sample = commands.add_parser("sample", help="draw samples from a running server")
     _model_flags(sample)
@@ -493,7 +686,11 @@ def _check_paths(args: argparse.Namespace) -> None:
         _check_output(getattr(args, "plot", None), "--plot", (".png",))
 
 
-_PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"serve": cmd_serve, "train": cmd_train}
+_PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {
+    "serve": cmd_serve,
+    "train": cmd_train,
+    "package": cmd_package,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,14 @@ Every failure raises a `FlowError` subclass that carries the HTTP `status_code` 
 server's `Retry-After` (capped by `max_retry_wait`), so a retry never adds load the server has just
 said it cannot take.
 
+Conditional models take `labels` (class models) or `condition` (vector models) and
+`guidance_scale`; shaped models answer (n, *shape) arrays and take (n, *shape) points, which
+travel as a .npy body. `with_info=True` also returns an `AnswerInfo` (model, seed, steps, solver,
+nfe, guidance), so any answer can be reproduced.
+
 The sync and async classes are thin: building requests, decoding answers, mapping errors and the
-retry policy are plain functions shared by both. This module imports only httpx and numpy.
+retry policy are plain functions shared by both. This module imports only httpx, numpy and the
+torch-free `service.tableau`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 from service.tableau import kept_steps
 
 __all__ = [
+    "AnswerInfo",
     "AsyncFlowClient",
     "ConnectionFailed",
     "DeadlineExceeded",
@@ -61,6 +68,8 @@ DEFAULT_RETRY_WAIT = 1.0
 T = TypeVar("T")
 ArrayLike = Any
 """Anything `np.asarray` turns into a (n, d) array of floats: an ndarray, nested lists."""
+Labels = Any
+"""A class index or name for every row, or a sequence (list, ndarray) of one per row."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,27 +214,85 @@ class _RetryPolicy:
 
 
 @dataclass(frozen=True)
+class AnswerInfo:
+    """What an answer says besides its numbers, so it can be reproduced: the model that served
+    it, the seed of its start points (None when they were given), the step count, solver and
+    network evaluations per row, the stride of a trajectory, and for conditional models the
+    guidance scale and the label when every row had the same one."""
+
+    model: str | None = None
+    seed: int | None = None
+    num_steps: int | None = None
+    solver: str | None = None
+    nfe: int | None = None
+    stride: int | None = None
+    guidance_scale: float | None = None
+    labels: int | None = None
+
+    @classmethod
+    def from_headers(cls, response: httpx.Response) -> AnswerInfo:
+        headers = response.headers
+        scale = headers.get("X-Flow-Guidance-Scale")
+        return cls(
+            model=headers.get("X-Flow-Model"),
+            seed=_int_header(response, "X-Flow-Seed"),
+            num_steps=_int_header(response, "X-Flow-Num-Steps"),
+            solver=headers.get("X-Flow-Solver"),
+            nfe=_int_header(response, "X-Flow-Nfe"),
+            stride=_int_header(response, "X-Flow-Stride"),
+            guidance_scale=float(scale) if scale is not None else None,
+            labels=_int_header(response, "X-Flow-Labels"),
+        )
+
+
+@dataclass(frozen=True)
 class _Request(Generic[T]):
-    """One API call: what to send, and how to turn a successful answer into a value."""
+    """One API call: what to send, and how to turn a successful answer into a value.
+
+    A body whose `npy` field holds an array of more than two dimensions (the points of a shaped
+    model) travels as a .npy file, its other fields as X-Flow-* headers."""
 
     method: str
     path: str
     decode: Callable[[httpx.Response], T]
     body: dict[str, Any] | None = None
     accept: str = "application/json"
+    npy: str | None = None
     headers: dict[str, str] = field(init=False)
     content: bytes | None = field(init=False)
 
     def __post_init__(self) -> None:
         headers = {"Accept": self.accept}
         content = None
-        if self.body is not None:
+        body = self.body
+        if body is not None and self.npy is not None and isinstance(body.get(self.npy), np.ndarray):
+            buffer = io.BytesIO()
+            np.save(buffer, body[self.npy], allow_pickle=False)
+            content = buffer.getvalue()
+            headers["Content-Type"] = NPY_MEDIA_TYPE
+            for name, value in body.items():
+                if name != self.npy:
+                    header = "X-Flow-" + name.replace("_", "-").title()
+                    headers[header] = json.dumps(value, separators=(",", ":"))
+        elif body is not None:
             # Serialized here rather than by httpx so a non-finite number reaches the server, which
             # answers it with a 422 that names the field, instead of failing inside httpx.
-            content = json.dumps(self.body, separators=(",", ":")).encode()
+            content = json.dumps(body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
         object.__setattr__(self, "headers", headers)
         object.__setattr__(self, "content", content)
+
+    def with_info(self) -> _Request[tuple[T, AnswerInfo]]:
+        """The same call, answering (value, AnswerInfo)."""
+        decode = self.decode
+        return _Request(
+            self.method,
+            self.path,
+            lambda response: (decode(response), AnswerInfo.from_headers(response)),
+            self.body,
+            self.accept,
+            self.npy,
+        )
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -233,16 +300,34 @@ def _body(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def _points(value: ArrayLike | None, name: str) -> list[list[float]] | None:
-    """A (n, d) list of floats for the wire; a single point (d,) becomes (1, d)."""
+def _points(value: ArrayLike | None, name: str) -> list[list[float]] | np.ndarray | None:
+    """Points for the wire: (n, d) as a list of rows (a single point (d,) becomes (1, d)), or,
+    for a shaped model, the (n, *shape) array itself (sent as .npy)."""
     if value is None:
         return None
-    array = np.asarray(value, dtype=np.float64)
+    array = np.asarray(value)
     if array.ndim == 1:
         array = array[None, :]
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a (n, d) array of points, got shape {array.shape}")
-    return array.tolist()
+    if array.ndim < 2:
+        raise ValueError(
+            f"{name} must be an (n, d) or (n, *shape) array of points, got shape {array.shape}"
+        )
+    if array.ndim > 2:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    return array.astype(np.float64).tolist()
+
+
+def _labels(value: Any) -> Any:
+    """labels for the wire: one index or name, or a list (numpy arrays become Python lists)."""
+    if value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return [item.item() if isinstance(item, np.generic) else item for item in value]
+
+
+def _condition(value: ArrayLike | None) -> Any:
+    return None if value is None else np.asarray(value, dtype=np.float64).tolist()
 
 
 def _load_npy(response: httpx.Response) -> np.ndarray:
@@ -292,7 +377,7 @@ def _trajectory_decoder(
         if steps is None:
             raise FlowError("trajectory answer lacks X-Flow-Num-Steps", response.status_code)
         times = trajectory_times(steps, every)
-        if states.ndim != 3 or states.shape[0] != times.shape[0]:
+        if states.ndim < 3 or states.shape[0] != times.shape[0]:
             raise FlowError(
                 f"trajectory of shape {states.shape} does not match {times.shape[0]} times "
                 f"(num_steps {steps}, stride {every})",
@@ -303,10 +388,17 @@ def _trajectory_decoder(
     return decode
 
 
-def _decode_log_prob(response: httpx.Response) -> dict[str, np.ndarray | None]:
+LOG_PROB_ARRAYS = ("log_prob", "log_p0", "divergence_integral", "divergence_stderr")
+
+
+def _decode_log_prob(response: httpx.Response) -> dict[str, Any]:
+    """The /log_prob answer: its arrays as numpy (latents float32, the rest float64) and its
+    other fields (model, seed, num_probes, nfe, ...) as they came."""
     data = _json(response)
-    out: dict[str, np.ndarray | None] = {}
-    for key in ("log_prob", "log_p0", "divergence_integral", "divergence_stderr"):
+    out: dict[str, Any] = {
+        key: value for key, value in data.items() if key not in (*LOG_PROB_ARRAYS, "latents")
+    }
+    for key in LOG_PROB_ARRAYS:
         value = data.get(key)
         out[key] = None if value is None else np.asarray(value, dtype=np.float64)
     latents = data.get("latents")
@@ -315,84 +407,35 @@ def _decode_log_prob(response: httpx.Response) -> dict[str, np.ndarray | None]:
 
 
 def _sample_request(
-    model: str | None,
-    num_samples: int | None,
-    num_steps: int | None,
-    seed: int | None,
-    x0: ArrayLike | None,
-    solver: str | None,
-    timeout_s: float | None,
-) -> _Request[np.ndarray]:
+    path: str, decode: Callable[[httpx.Response], Any], x0: ArrayLike | None, **fields: Any
+) -> _Request[Any]:
     body = _body(
-        model=model,
-        num_samples=num_samples,
-        num_steps=num_steps,
-        seed=seed,
         x0=_points(x0, "x0"),
-        solver=solver,
-        timeout_s=timeout_s,
+        labels=_labels(fields.pop("labels", None)),
+        condition=_condition(fields.pop("condition", None)),
+        **fields,
     )
-    return _Request("POST", "/sample", _load_npy, body, NPY_MEDIA_TYPE)
+    return _Request("POST", path, decode, body, NPY_MEDIA_TYPE, npy="x0")
 
 
-def _trajectory_request(
-    model: str | None,
-    num_samples: int | None,
-    num_steps: int | None,
-    seed: int | None,
-    x0: ArrayLike | None,
-    stride: int | None,
-    solver: str | None,
-    timeout_s: float | None,
-) -> _Request[tuple[np.ndarray, np.ndarray]]:
+def _encode_request(x: ArrayLike, **fields: Any) -> _Request[np.ndarray]:
     body = _body(
-        model=model,
-        num_samples=num_samples,
-        num_steps=num_steps,
-        seed=seed,
-        x0=_points(x0, "x0"),
-        stride=stride,
-        solver=solver,
-        timeout_s=timeout_s,
-    )
-    decode = _trajectory_decoder(num_steps, stride)
-    return _Request("POST", "/trajectory", decode, body, NPY_MEDIA_TYPE)
-
-
-def _encode_request(
-    x: ArrayLike,
-    model: str | None,
-    num_steps: int | None,
-    solver: str | None,
-    timeout_s: float | None,
-) -> _Request[np.ndarray]:
-    body = _body(
-        model=model, x=_points(x, "x"), num_steps=num_steps, solver=solver, timeout_s=timeout_s
-    )
-    return _Request("POST", "/encode", _load_npy, body, NPY_MEDIA_TYPE)
-
-
-def _log_prob_request(
-    x: ArrayLike,
-    model: str | None,
-    num_steps: int | None,
-    solver: str | None,
-    divergence: str | None,
-    num_probes: int | None,
-    seed: int | None,
-    timeout_s: float | None,
-) -> _Request[dict[str, np.ndarray | None]]:
-    body = _body(
-        model=model,
         x=_points(x, "x"),
-        num_steps=num_steps,
-        solver=solver,
-        divergence=divergence,
-        num_probes=num_probes,
-        seed=seed,
-        timeout_s=timeout_s,
+        labels=_labels(fields.pop("labels", None)),
+        condition=_condition(fields.pop("condition", None)),
+        **fields,
     )
-    return _Request("POST", "/log_prob", _decode_log_prob, body)
+    return _Request("POST", "/encode", _load_npy, body, NPY_MEDIA_TYPE, npy="x")
+
+
+def _log_prob_request(x: ArrayLike, **fields: Any) -> _Request[dict[str, Any]]:
+    body = _body(
+        x=_points(x, "x"),
+        labels=_labels(fields.pop("labels", None)),
+        condition=_condition(fields.pop("condition", None)),
+        **fields,
+    )
+    return _Request("POST", "/log_prob", _decode_log_prob, body, npy="x")
 
 
 def _models_request() -> _Request[list[dict[str, Any]]]:
@@ -468,12 +511,34 @@ class FlowClient:
         seed: int | None = None,
         x0: ArrayLike | None = None,
         solver: str | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> np.ndarray:
-        """Samples x[K] of the flow: float32 (num_samples, dim). `x0` (n, dim) fixes the starts."""
-        return self._call(
-            _sample_request(model, num_samples, num_steps, seed, x0, solver, timeout_s)
+        with_info: bool = False,
+    ) -> Any:
+        """Samples x[K] of the flow: float32 (num_samples, *shape) ((n, dim) for flat models).
+
+        `x0` (n, dim) or (n, *shape) fixes the start points. Conditional models: `labels` (one
+        class index or name for all rows, or one per row), or `condition` (a vector, or one per
+        row), and `guidance_scale`. With `with_info`: (samples, AnswerInfo), whose `seed`
+        reproduces the answer.
+        """
+        request = _sample_request(
+            "/sample",
+            _load_npy,
+            x0,
+            model=model,
+            num_samples=num_samples,
+            num_steps=num_steps,
+            seed=seed,
+            solver=solver,
+            labels=labels,
+            condition=condition,
+            guidance_scale=guidance_scale,
+            timeout_s=timeout_s,
         )
+        return self._call(request.with_info() if with_info else request)
 
     def trajectory(
         self,
@@ -485,12 +550,33 @@ class FlowClient:
         x0: ArrayLike | None = None,
         stride: int | None = None,
         solver: str | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The kept states: times float64 (T,) from 0 to 1, states float32 (T, num_samples, dim)."""
-        return self._call(
-            _trajectory_request(model, num_samples, num_steps, seed, x0, stride, solver, timeout_s)
+        with_info: bool = False,
+    ) -> Any:
+        """The kept states: times float64 (T,) from 0 to 1, states float32
+        (T, num_samples, *shape). With `with_info`: (times, states, AnswerInfo)."""
+        request = _sample_request(
+            "/trajectory",
+            _trajectory_decoder(num_steps, stride),
+            x0,
+            model=model,
+            num_samples=num_samples,
+            num_steps=num_steps,
+            seed=seed,
+            stride=stride,
+            solver=solver,
+            labels=labels,
+            condition=condition,
+            guidance_scale=guidance_scale,
+            timeout_s=timeout_s,
         )
+        if not with_info:
+            return self._call(request)
+        (times, states), info = self._call(request.with_info())
+        return times, states, info
 
     def encode(
         self,
@@ -499,10 +585,25 @@ class FlowClient:
         model: str | None = None,
         num_steps: int | None = None,
         solver: str | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> np.ndarray:
-        """Latents: `x` (n, dim) integrated back from t = 1 to t = 0, float32 (n, dim)."""
-        return self._call(_encode_request(x, model, num_steps, solver, timeout_s))
+        with_info: bool = False,
+    ) -> Any:
+        """Latents: `x` (n, *shape) integrated back from t = 1 to t = 0, float32 of x's shape.
+        With `with_info`: (latents, AnswerInfo)."""
+        request = _encode_request(
+            x,
+            model=model,
+            num_steps=num_steps,
+            solver=solver,
+            labels=labels,
+            condition=condition,
+            guidance_scale=guidance_scale,
+            timeout_s=timeout_s,
+        )
+        return self._call(request.with_info() if with_info else request)
 
     def log_prob(
         self,
@@ -514,17 +615,34 @@ class FlowClient:
         divergence: str | None = None,
         num_probes: int | None = None,
         seed: int | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> dict[str, np.ndarray | None]:
-        """Model log-density of `x` (n, dim).
+    ) -> dict[str, Any]:
+        """Model log-density of `x` (n, *shape), log p(x | c) for a conditional model.
 
-        Returns "log_prob" (n,), "latents" (n, dim) float32, "log_p0" (n,),
+        Returns "log_prob" (n,), "latents" (n, ...) float32, "log_p0" (n,),
         "divergence_integral" (n,) and "divergence_stderr" (n,) for "hutchinson" with
-        num_probes > 1, else None. `divergence` left out: "exact" up to the server's
-        FLOW_MAX_EXACT_DIVERGENCE_DIM (16 by default), "hutchinson" above.
+        num_probes > 1, else None; and the answer's other fields as sent ("model", "seed" of the
+        Hutchinson probes, "num_probes", "divergence", "nfe", ...). `divergence` left out:
+        "exact" up to the server's FLOW_MAX_EXACT_DIVERGENCE_DIM (16 by default), "hutchinson"
+        above.
         """
         return self._call(
-            _log_prob_request(x, model, num_steps, solver, divergence, num_probes, seed, timeout_s)
+            _log_prob_request(
+                x,
+                model=model,
+                num_steps=num_steps,
+                solver=solver,
+                divergence=divergence,
+                num_probes=num_probes,
+                seed=seed,
+                labels=labels,
+                condition=condition,
+                guidance_scale=guidance_scale,
+                timeout_s=timeout_s,
+            )
         )
 
     def models(self) -> list[dict[str, Any]]:
@@ -610,12 +728,28 @@ class AsyncFlowClient:
         seed: int | None = None,
         x0: ArrayLike | None = None,
         solver: str | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> np.ndarray:
+        with_info: bool = False,
+    ) -> Any:
         """See `FlowClient.sample`."""
-        return await self._call(
-            _sample_request(model, num_samples, num_steps, seed, x0, solver, timeout_s)
+        request = _sample_request(
+            "/sample",
+            _load_npy,
+            x0,
+            model=model,
+            num_samples=num_samples,
+            num_steps=num_steps,
+            seed=seed,
+            solver=solver,
+            labels=labels,
+            condition=condition,
+            guidance_scale=guidance_scale,
+            timeout_s=timeout_s,
         )
+        return await self._call(request.with_info() if with_info else request)
 
     async def trajectory(
         self,
@@ -627,12 +761,32 @@ class AsyncFlowClient:
         x0: ArrayLike | None = None,
         stride: int | None = None,
         solver: str | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        with_info: bool = False,
+    ) -> Any:
         """See `FlowClient.trajectory`."""
-        return await self._call(
-            _trajectory_request(model, num_samples, num_steps, seed, x0, stride, solver, timeout_s)
+        request = _sample_request(
+            "/trajectory",
+            _trajectory_decoder(num_steps, stride),
+            x0,
+            model=model,
+            num_samples=num_samples,
+            num_steps=num_steps,
+            seed=seed,
+            stride=stride,
+            solver=solver,
+            labels=labels,
+            condition=condition,
+            guidance_scale=guidance_scale,
+            timeout_s=timeout_s,
         )
+        if not with_info:
+            return await self._call(request)
+        (times, states), info = await self._call(request.with_info())
+        return times, states, info
 
     async def encode(
         self,
@@ -641,10 +795,24 @@ class AsyncFlowClient:
         model: str | None = None,
         num_steps: int | None = None,
         solver: str | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> np.ndarray:
+        with_info: bool = False,
+    ) -> Any:
         """See `FlowClient.encode`."""
-        return await self._call(_encode_request(x, model, num_steps, solver, timeout_s))
+        request = _encode_request(
+            x,
+            model=model,
+            num_steps=num_steps,
+            solver=solver,
+            labels=labels,
+            condition=condition,
+            guidance_scale=guidance_scale,
+            timeout_s=timeout_s,
+        )
+        return await self._call(request.with_info() if with_info else request)
 
     async def log_prob(
         self,
@@ -656,11 +824,26 @@ class AsyncFlowClient:
         divergence: str | None = None,
         num_probes: int | None = None,
         seed: int | None = None,
+        labels: Labels | None = None,
+        condition: ArrayLike | None = None,
+        guidance_scale: float | None = None,
         timeout_s: float | None = None,
-    ) -> dict[str, np.ndarray | None]:
+    ) -> dict[str, Any]:
         """See `FlowClient.log_prob`."""
         return await self._call(
-            _log_prob_request(x, model, num_steps, solver, divergence, num_probes, seed, timeout_s)
+            _log_prob_request(
+                x,
+                model=model,
+                num_steps=num_steps,
+                solver=solver,
+                divergence=divergence,
+                num_probes=num_probes,
+                seed=seed,
+                labels=labels,
+                condition=condition,
+                guidance_scale=guidance_scale,
+                timeout_s=timeout_s,
+            )
         )
 
     async def models(self) -> list[dict[str, Any]]:

@@ -154,6 +154,32 @@ def probe_sizes(dim: int) -> tuple[int, ...]:
     return (*PROBE_ROWS, max(257, min(4099, LARGE_PROBE_VALUES // dim)))
 
 
+def load_module(weights: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """`torch.jit.load` of a model file, in eval mode; ModelRefused when it does not load."""
+    try:
+        module = torch.jit.load(str(weights), map_location=device)
+    except Exception as exc:  # torch raises several unrelated types for a corrupt archive
+        raise ModelRefused(
+            f"model.pt does not load as TorchScript: {exc}".splitlines()[0]
+        ) from None
+    return module.eval()
+
+
+def checked_field(
+    module: torch.jit.ScriptModule,
+    signature: Signature,
+    device: torch.device,
+    *,
+    finite: bool = False,
+) -> VelocityField:
+    """The field of `module`, after its arguments and the probes at `probe_sizes` passed."""
+    check_arguments(module, signature)
+    field = VelocityField(signature, module, device=device)
+    for rows in probe_sizes(signature.dim):
+        probe(field, rows, finite=finite)
+    return field
+
+
 def warm_up(field: VelocityField, passes: int, rows: int) -> None:
     """Run a few forward passes so the first request does not pay for lazy initialisation."""
     t, x, c = field.example(rows, seed=2)
@@ -189,17 +215,7 @@ def load_model(
         raise ModelRefused(
             f"sha256 mismatch: model.pt is {digest}, manifest says {manifest['sha256']}"
         )
-    try:
-        module = torch.jit.load(str(weights), map_location=device)
-    except Exception as exc:  # torch raises several unrelated types for a corrupt archive
-        raise ModelRefused(
-            f"model.pt does not load as TorchScript: {exc}".splitlines()[0]
-        ) from None
-    module.eval()
-    check_arguments(module, signature)
-    field = VelocityField(signature, module, device=device)
-    for rows in probe_sizes(dim):
-        probe(field, rows)
+    field = checked_field(load_module(weights, device), signature, device)
     try:
         fast = optimize(field, rewrites)
         field = field.with_graphs(fast.module, small=fast.unfused, small_rows=fused_min_rows)

@@ -1,4 +1,5 @@
-"""ASGI middleware: one log line and the metrics per request, bearer-key auth, body size limit.
+"""ASGI middleware: one log line and the metrics per request, bearer-key auth, body size limit,
+.npy request bodies.
 
 Plain ASGI (no BaseHTTPMiddleware) so the routes keep the real `receive` and can see a client
 disconnect while their work runs.
@@ -7,14 +8,18 @@ disconnect while their work runs.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import time
 
+import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.encoding import NPY
 from service.metrics import Metrics
+from service.schemas import NPY_POINTS, npy_points
 
 access_log = logging.getLogger("flowserve.access")
 
@@ -158,3 +163,106 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+NPY_FIELDS = {"/sample": "x0", "/trajectory": "x0", "/encode": "x", "/log_prob": "x"}
+"""The field an .npy body fills, by path."""
+HEADER_PREFIX = b"x-flow-"
+
+
+class NpyBody:
+    """POST bodies sent as `.npy` (`Content-Type: application/x-npy`): the array is the points
+    field (`x0` of /sample and /trajectory, `x` of /encode and /log_prob), of shape (n, dim) or
+    (n, *shape), and every other field comes as an `X-Flow-<Field>` header whose value is JSON or
+    a bare string (`X-Flow-Num-Steps: 8`, `X-Flow-Solver: rk4`, `X-Flow-Labels: [0, 1]`).
+
+    The request then goes on as JSON holding those fields; the array itself skips the float-by-
+    float JSON validation (it is checked here: numbers, finite) and reaches the route decoded.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in NPY_FIELDS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1")
+        if media_type != NPY:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        name = NPY_FIELDS[scope["path"]]
+        try:
+            array = _read_points(b"".join(chunks), name)
+            fields = _header_fields(scope["headers"])
+        except ValueError as exc:
+            await _send_error(send, 422, str(exc))
+            return
+        fields[name] = NPY_POINTS
+        body = orjson.dumps(fields)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        rewritten = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
+        ]
+        rewritten += [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        token = npy_points.set(array)
+        try:
+            await self.app({**scope, "headers": rewritten}, replay, send)
+        finally:
+            npy_points.reset(token)
+
+
+def _read_points(data: bytes, name: str) -> np.ndarray:
+    """(n, dim) float32 rows of a .npy file of shape (n, ...); ValueError naming `name`."""
+    if not data.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{name}: the body is not a .npy file (Content-Type: {NPY})")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{name}: the body is not a readable .npy file ({exc})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: the .npy array must hold numbers, got {array.dtype}")
+    if array.ndim < 2 or array.shape[0] == 0 or array.size == 0:
+        raise ValueError(
+            f"{name}: the .npy array must have shape (n, dim) or (n, *shape), got {array.shape}"
+        )
+    rows = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=np.float32)
+    if not np.isfinite(rows).all():
+        row = int(np.argmin(np.isfinite(rows).all(axis=1)))
+        raise ValueError(f"{name}[{row}]: contains NaN or infinity (or a number past float32)")
+    return rows
+
+
+def _header_fields(headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
+    """`X-Flow-Num-Steps: 8` -> {"num_steps": 8}: values are JSON where they parse, else text."""
+    fields: dict[str, object] = {}
+    for key, raw in headers:
+        if not key.startswith(HEADER_PREFIX):
+            continue
+        field = key[len(HEADER_PREFIX) :].decode("latin-1").replace("-", "_")
+        text = raw.decode("latin-1")
+        try:
+            fields[field] = json.loads(text)
+        except ValueError:
+            fields[field] = text
+    return fields

@@ -10,8 +10,16 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from service import sampling
-from service.encoding import NPY, json_response, npy_response, wants_npy
-from service.errors import ModelNotFound
+from service.encoding import (
+    NPY,
+    PNG,
+    json_response,
+    npy_response,
+    png_grid,
+    wants_npy,
+    wants_png,
+)
+from service.errors import ModelNotFound, NotAcceptable
 from service.registry import Registry
 from service.schemas import (
     EncodeRequest,
@@ -40,13 +48,20 @@ async def get_app_settings(request: Request) -> Settings:
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-AcceptHeader = Annotated[str | None, Header(description=f"`{NPY}` for a .npy answer.")]
+AcceptHeader = Annotated[
+    str | None,
+    Header(
+        description=f"`{NPY}` for a .npy answer; on /sample, `{PNG}` for a picture grid of an "
+        "image model's samples."
+    ),
+]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         401: "Missing or wrong bearer key (when FLOW_API_KEY is set).",
         404: "Unknown model.",
+        406: "Accept: image/png for a model whose samples are not images.",
         413: "Over a limit: rows, steps, trajectory size, work or body size.",
         422: "Malformed or invalid body.",
         500: "The model produced non-finite values.",
@@ -56,13 +71,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _npy_doc(shape: str) -> dict[int | str, dict[str, Any]]:
-    return {
-        200: {
-            "content": {NPY: {"schema": {"type": "string", "format": "binary"}}},
-            "description": shape,
+def _npy_doc(shape: str, png: bool = False) -> dict[int | str, dict[str, Any]]:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    content = {NPY: binary, **({PNG: binary} if png else {})}
+    return {200: {"content": content, "description": shape}}
+
+
+# A POST body may instead be a .npy file of the points (service.middleware.NpyBody).
+NPY_BODY = {
+    "requestBody": {
+        "content": {
+            NPY: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "The points (x0 or x) as a .npy array (n, dim) or (n, *shape); "
+                "the other fields as X-Flow-<Field> headers (JSON values or bare strings).",
+            }
         }
     }
+}
 
 
 router = APIRouter()
@@ -110,11 +136,20 @@ def _headers(meta: dict[str, Any]) -> dict[str, str]:
 
 
 async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
+    headers = _headers(answer.meta)
+    if wants_png(accept) and not wants_npy(accept):
+        if answer.images is None:
+            model = answer.meta.get("model")
+            raise NotAcceptable(
+                f"accept: {PNG} is offered by POST /sample for models whose samples are images "
+                f"(shape (H, W), (1, H, W) or (3, H, W)); this answer of model {model} is not one"
+            )
+        content = await run_in_threadpool(png_grid, answer.images, answer.data_range)
+        return Response(content, media_type=PNG, headers=headers)
     if wants_npy(accept) and answer.array is not None:
         encode, argument = npy_response, answer.array
     else:
         encode, argument = json_response, answer.body
-    headers = _headers(answer.meta)
     if answer.nbytes <= INLINE_ENCODE_BYTES:
         return encode(argument, headers)
     return await run_in_threadpool(encode, argument, headers)
@@ -123,7 +158,11 @@ async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
 @router.post(
     "/sample",
     response_model=SampleResponse,
-    responses={**ERRORS, **_npy_doc("float32 (num_samples, dim)")},
+    responses={
+        **ERRORS,
+        **_npy_doc("float32 (num_samples, *shape); PNG: a grid of image samples", png=True),
+    },
+    openapi_extra=NPY_BODY,
     summary="Draw samples: integrate start points from t = 0 to t = 1.",
 )
 async def sample(
@@ -139,7 +178,8 @@ async def sample(
 @router.post(
     "/trajectory",
     response_model=TrajectoryResponse,
-    responses={**ERRORS, **_npy_doc("float32 (len(times), num_samples, dim)")},
+    responses={**ERRORS, **_npy_doc("float32 (len(times), num_samples, *shape)")},
+    openapi_extra=NPY_BODY,
     summary="Sample and keep every stride-th state of the paths.",
 )
 async def trajectory(
@@ -155,7 +195,8 @@ async def trajectory(
 @router.post(
     "/encode",
     response_model=EncodeResponse,
-    responses={**ERRORS, **_npy_doc("float32 (n, dim): the latents")},
+    responses={**ERRORS, **_npy_doc("float32 (n, *shape): the latents")},
+    openapi_extra=NPY_BODY,
     summary="Map data points back to the source: integrate from t = 1 to t = 0.",
 )
 async def encode(
@@ -172,6 +213,7 @@ async def encode(
     "/log_prob",
     response_model=LogProbResponse,
     responses=ERRORS,
+    openapi_extra=NPY_BODY,
     summary="Log-density of data points under the model (continuous change of variables).",
 )
 async def log_prob(

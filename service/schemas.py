@@ -3,16 +3,114 @@
 
 from __future__ import annotations
 
+import itertools
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+    model_validator,
+)
 
 from service.tableau import SOLVER_NAMES
+
+
+def _flatten_rows(value: Any) -> Any:
+    """Points of a shaped model may come nested, one (C, H, W) list per row: flattened here to
+    rows of C H W numbers (row-major, as numpy's reshape), which the checks below then see."""
+    if not (isinstance(value, list) and value and isinstance(value[0], list)):
+        return value
+    if not (value[0] and isinstance(value[0][0], list)):
+        return value
+    flat = []
+    for row in value:
+        while isinstance(row, list) and row and isinstance(row[0], list):
+            row = list(itertools.chain.from_iterable(row))
+        flat.append(row)
+    return flat
+
+
+NPY_POINTS = "<application/x-npy body>"
+"""Where a request sent as .npy (`service.middleware.NpyBody`) had its array: the points field
+holds this marker and the decoded (n, dim) float32 array waits in `npy_points`."""
+npy_points: ContextVar[np.ndarray | None] = ContextVar("npy_points", default=None)
+
+
+def _points_from_npy(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    if isinstance(value, str) and value == NPY_POINTS:
+        array = npy_points.get()
+        if array is not None:
+            return array  # decoded, finite and flattened by the middleware
+    return handler(value)
+
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # minItems only documents what `_check_rows` enforces, with its messages.
 Point = Annotated[list[FiniteFloat], Field(json_schema_extra={"minItems": 1})]
-Points = Annotated[list[Point], Field(json_schema_extra={"minItems": 1})]
+Points = Annotated[
+    list[Point],
+    BeforeValidator(_flatten_rows),
+    WrapValidator(_points_from_npy),
+    Field(json_schema_extra={"minItems": 1}),
+]
+_VECTOR = TypeAdapter(list[FiniteFloat])
+_VECTORS = TypeAdapter(list[list[FiniteFloat]])
+
+_LABEL_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]}
+Labels = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                *_LABEL_SCHEMA["anyOf"],
+                {"type": "array", "items": _LABEL_SCHEMA, "minItems": 1},
+                {"type": "null"},
+            ],
+            "description": "Class-conditional models: one class (index or name from the "
+            "manifest's classes) for every row, or a list with one per row. Left out: the null "
+            "class where the model has one.",
+            "examples": [3, "7", [0, 1, 2, 3]],
+        }
+    ),
+]
+ConditionVectors = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                    "minItems": 1,
+                },
+                {"type": "null"},
+            ],
+            "description": "Vector-conditional models: one vector of the manifest's condition "
+            "width for every row, or a list with one per row. Left out: the null vector where "
+            "the model has one.",
+        }
+    ),
+]
+GuidanceField = Annotated[
+    float | None,
+    Field(
+        ge=0,
+        allow_inf_nan=False,
+        description="w of classifier-free guidance, v(t, x, null) + w (v(t, x, c) - "
+        "v(t, x, null)); default the manifest's guidance_scale, else 1. w != 1 costs two "
+        "evaluations per stage and needs a model with a null condition.",
+    ),
+]
 SolverName = Literal[SOLVER_NAMES]
 DivergenceMethod = Literal["exact", "hutchinson"]
 
@@ -39,8 +137,8 @@ TimeoutField = Annotated[
 ]
 
 
-def _check_rows(points: list[list[float]] | None, field: str) -> None:
-    if points is None:
+def _check_rows(points: list[list[float]] | np.ndarray | None, field: str) -> None:
+    if points is None or isinstance(points, np.ndarray):
         return
     if not points:
         raise ValueError(f"{field}: must hold at least one point")
@@ -55,11 +153,62 @@ def _check_rows(points: list[list[float]] | None, field: str) -> None:
             )
 
 
+def _check_labels(value: Any) -> None:
+    """labels: an index (not a bool), a name, or a non-empty list of them; the model decides
+    which indices and names exist."""
+    if value is None:
+        return
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ValueError("labels: must hold at least one label")
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            where = f"labels[{i}]" if isinstance(value, list) else "labels"
+            raise ValueError(f"{where}: expected a class index or a class name, got {item!r}")
+        if isinstance(item, int) and item < 0:
+            where = f"labels[{i}]" if isinstance(value, list) else "labels"
+            raise ValueError(f"{where}: a class index is >= 0, got {item}")
+
+
+def _check_condition(value: Any) -> list[float] | list[list[float]] | None:
+    """condition: one finite vector, or one per row of the same width."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError("condition: expected a vector (a list of numbers) or one per row")
+    adapter = _VECTORS if isinstance(value[0], list) else _VECTOR
+    try:
+        parsed = adapter.validate_python(value, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = "".join(f"[{part}]" for part in error["loc"])
+        raise ValueError(f"condition{where}: {error['msg']}") from None
+    if adapter is _VECTORS:
+        _check_rows(parsed, "condition")
+    return parsed
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class SampleRequest(_Request):
+class _Conditioned(_Request):
+    """The optional fields of conditional models, shared by every POST endpoint."""
+
+    labels: Labels = None
+    condition: ConditionVectors = None
+    guidance_scale: GuidanceField = None
+
+    @model_validator(mode="after")
+    def _check_conditioning(self) -> _Conditioned:
+        _check_labels(self.labels)
+        self.condition = _check_condition(self.condition)
+        if self.labels is not None and self.condition is not None:
+            raise ValueError("labels: give labels (class models) or condition (vector models)")
+        return self
+
+
+class SampleRequest(_Conditioned):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [{"model": "four-gaussians", "num_samples": 4, "num_steps": 100, "seed": 7}]
@@ -127,7 +276,7 @@ class TrajectoryRequest(SampleRequest):
         return self
 
 
-class EncodeRequest(_Request):
+class EncodeRequest(_Conditioned):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -189,7 +338,22 @@ class _Answer(BaseModel):
     num_steps: int
     dim: int
     solver: SolverName
-    nfe: int = Field(description="Network evaluations per point: num_steps x solver stages.")
+    nfe: int = Field(
+        description="Network evaluations per point: num_steps x solver stages, twice that "
+        "with guidance (w != 1)."
+    )
+    shape: list[int] | None = Field(
+        None, description="Shape of one sample, for models whose manifest gives one."
+    )
+    labels: list[int] | None = Field(
+        None, description="Class-conditional models: the class index of every row."
+    )
+    condition: list[float] | list[list[float]] | None = Field(
+        None, description="Vector-conditional models: the condition, as sent (or the null)."
+    )
+    guidance_scale: float | None = Field(
+        None, description="Conditional models: the w the answer was integrated with."
+    )
 
 
 class _Seeded(_Answer):

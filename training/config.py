@@ -2,17 +2,25 @@
 
 ```json
 {
-  "source": MIXTURE,
-  "target": MIXTURE | {"dataset": NAME, "noise"?: float, "size"?: int} | {"file": PATH},
-  "model":  {"hidden": 64, "layers": 3, "activation"?: "elu"},
+  "source": MIXTURE | {"std": 1.0},
+  "target": MIXTURE | {"dataset": NAME, "noise"?: float, "size"?: int} | {"file": PATH}
+            | {"dataset": "digits", "holdout"?: 0.2} | {"file": "data.npz", "holdout"?: 0.2},
+  "model":  {"hidden": 64, "layers": 3, "activation"?: "elu", "embedding"?: 64, "frequencies"?: 16},
   "train":  {"batch_size": 1024, "steps": 5000, "lr": 0.001, "seed": 0, ...optional keys},
+  "condition"?: {"kind": "class", "p_uncond": 0.1},
+  "guidance_scale"?: 1.5,
   "notes"?: "free text: why the settings are what they are"
 }
 ```
 
 The optional `train` keys and their defaults are the fields of `TrainConfig`. A relative `file`
-path is read relative to the config file's folder. Every problem raises `ValueError` with one
-line that starts with the field (`target.covs[2]: not positive definite`) or the file.
+path is read relative to the config file's folder. `{"std": s}` is the source N(0, s^2 I) in the
+target's dimension. A labelled target (digits, or an .npz of images `x` and labels `y`) trains a
+class-conditional model and needs `condition`; `p_uncond` is the share of each batch whose label
+is replaced by the null class (label dropout), so one network gives v(t, x, c) and v(t, x, null)
+for classifier-free guidance; `guidance_scale` is the served model's default w. Every problem
+raises `ValueError` with one line that starts with the field (`target.covs[2]: not positive
+definite`) or the file.
 """
 
 from __future__ import annotations
@@ -28,10 +36,14 @@ from typing import Any
 from service.mixture import GaussianMixture
 from training.datasets import (
     DATASETS,
+    LABELLED_DATASETS,
     DatasetTarget,
+    LabelledTarget,
     MixtureTarget,
     PointCloudTarget,
     Target,
+    load_digits_target,
+    load_labelled_file,
     load_points,
 )
 from training.network import ACTIVATIONS
@@ -43,9 +55,22 @@ TIME_SAMPLINGS = ("uniform", "ends")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """hidden x layers MLP. For a conditional model: `embedding` is the width of the learned
+    label embedding, `frequencies` the number of sine/cosine pairs that encode t."""
+
     hidden: int
     layers: int
     activation: str = "elu"
+    embedding: int = 64
+    frequencies: int = 16
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    """kind "class": labels from a labelled target; p_uncond: share of labels dropped to null."""
+
+    kind: str
+    p_uncond: float
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,8 @@ class Config:
     model: ModelConfig
     train: TrainConfig
     notes: str = ""
+    condition: ConditionConfig | None = None
+    guidance_scale: float | None = None
 
     @property
     def dim(self) -> int:
@@ -96,6 +123,10 @@ class Config:
             "model": dataclasses.asdict(self.model),
             "train": dataclasses.asdict(self.train),
         }
+        if self.condition is not None:
+            resolved["condition"] = dataclasses.asdict(self.condition)
+        if self.guidance_scale is not None:
+            resolved["guidance_scale"] = self.guidance_scale
         if self.notes:
             resolved["notes"] = self.notes
         return resolved
@@ -135,10 +166,29 @@ def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _holdout(spec: Mapping) -> float:
+    if "holdout" not in spec:
+        return 0.2
+    return _number(spec["holdout"], "target.holdout", 0.0, 0.9, open_low=True)
+
+
 def _parse_target(spec: Any, base_dir: Path, seed: int) -> Target:
+    if isinstance(spec, Mapping) and spec.get("dataset") in LABELLED_DATASETS:
+        _check_keys(spec, "target", {"dataset"}, {"holdout"})
+        return load_digits_target(_holdout(spec))
+    if (
+        isinstance(spec, Mapping)
+        and isinstance(spec.get("file"), str)
+        and spec["file"].lower().endswith(".npz")
+    ):
+        _check_keys(spec, "target", {"file"}, {"holdout"})
+        path = Path(spec["file"])
+        if not path.is_absolute():
+            path = base_dir / path
+        return load_labelled_file(path, spec["file"], _holdout(spec))
     if isinstance(spec, Mapping) and "dataset" in spec:
         _check_keys(spec, "target", {"dataset"}, {"noise", "size"})
-        name = _choice(spec["dataset"], "target.dataset", tuple(DATASETS))
+        name = _choice(spec["dataset"], "target.dataset", (*DATASETS, *LABELLED_DATASETS))
         noise = spec.get("noise")
         if noise is not None:
             noise = _number(noise, "target.noise", 0.0, math.inf)
@@ -159,18 +209,27 @@ def _parse_target(spec: Any, base_dir: Path, seed: int) -> Target:
 
 def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, Any] | None = None):
     """Validate a decoded JSON config; `overrides` replace keys of `train` (the CLI flags)."""
-    _check_keys(raw, "config", {"source", "target", "model", "train"}, {"notes"})
+    _check_keys(
+        raw,
+        "config",
+        {"source", "target", "model", "train"},
+        {"notes", "condition", "guidance_scale"},
+    )
     if "notes" in raw and not isinstance(raw["notes"], str):
         raise ValueError("notes: expected a string")
 
     model_raw = raw["model"]
-    _check_keys(model_raw, "model", {"hidden", "layers"}, {"activation"})
+    _check_keys(
+        model_raw, "model", {"hidden", "layers"}, {"activation", "embedding", "frequencies"}
+    )
     model = ModelConfig(
         hidden=_integer(model_raw["hidden"], "model.hidden", minimum=1),
         layers=_integer(model_raw["layers"], "model.layers", minimum=1),
         activation=_choice(
             model_raw.get("activation", "elu"), "model.activation", tuple(ACTIVATIONS)
         ),
+        embedding=_integer(model_raw.get("embedding", 64), "model.embedding", minimum=1),
+        frequencies=_integer(model_raw.get("frequencies", 16), "model.frequencies", minimum=1),
     )
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -195,14 +254,61 @@ def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, A
     if train.ema == 1.0:
         raise ValueError("train.ema: must be below 1 (1 would never move the average)")
 
-    source = GaussianMixture.from_spec(raw["source"], field="source")
     target = _parse_target(raw["target"], Path(base_dir), train.seed)
+    source = _parse_source(raw["source"], target.dim)
     if target.dim != source.dim:
         raise ValueError(
             f"target: dimension {target.dim} does not match the source's dimension {source.dim}"
         )
+    condition = _parse_condition(raw.get("condition"), target)
+    guidance_scale = None
+    if raw.get("guidance_scale") is not None:
+        guidance_scale = _number(raw["guidance_scale"], "guidance_scale", 0.0, math.inf)
+        if guidance_scale != 1 and (condition is None or condition.p_uncond == 0):
+            raise ValueError(
+                "guidance_scale: needs a condition trained with p_uncond > 0 (guidance mixes in "
+                "the unconditional field)"
+            )
     notes = raw.get("notes", "")
-    return Config(source=source, target=target, model=model, train=train, notes=notes)
+    return Config(
+        source=source,
+        target=target,
+        model=model,
+        train=train,
+        notes=notes,
+        condition=condition,
+        guidance_scale=guidance_scale,
+    )
+
+
+def _parse_source(spec: Any, dim: int) -> GaussianMixture:
+    if isinstance(spec, Mapping) and "std" in spec:
+        _check_keys(spec, "source", {"std"}, set())
+        std = _number(spec["std"], "source.std", 0.0, math.inf, open_low=True)
+        eye = [[std**2 if i == j else 0.0 for j in range(dim)] for i in range(dim)]
+        return GaussianMixture.from_spec(
+            {"means": [[0.0] * dim], "covs": [eye], "weights": [1.0]}, field="source"
+        )
+    return GaussianMixture.from_spec(spec, field="source")
+
+
+def _parse_condition(spec: Any, target: Target) -> ConditionConfig | None:
+    labelled = isinstance(target, LabelledTarget)
+    if spec is None:
+        if labelled:
+            raise ValueError(
+                "condition: a labelled target trains a class-conditional model; add "
+                '"condition": {"kind": "class", "p_uncond": 0.1}'
+            )
+        return None
+    _check_keys(spec, "condition", {"kind"}, {"p_uncond"})
+    kind = _choice(spec["kind"], "condition.kind", ("class",))
+    if not labelled:
+        raise ValueError(
+            "condition: needs a labelled target (digits, or an .npz file with x and y)"
+        )
+    p_uncond = _number(spec.get("p_uncond", 0.1), "condition.p_uncond", 0.0, 0.9)
+    return ConditionConfig(kind=kind, p_uncond=p_uncond)
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:

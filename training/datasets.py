@@ -1,12 +1,15 @@
 """Target distributions q(x1) that the trainer draws minibatches from.
 
-Three kinds, one interface (`dim`, `sample(n, generator) -> (n, dim) float32` on the CPU,
+Four kinds, one interface (`dim`, `sample(n, generator) -> (n, dim) float32` on the CPU,
 `spec()` for the manifest):
 
 - `MixtureTarget`: a Gaussian mixture of any dimension (the shared `service.mixture` maths).
 - `DatasetTarget`: a built-in 2-D toy set (`DATASETS`), drawn fresh every batch, or from a fixed
   pool of `size` points when `size` is given.
 - `PointCloudTarget`: the rows of a user's .npy or .csv file, drawn with replacement.
+- `LabelledTarget`: labelled samples of any shape (scikit-learn's 8 x 8 digits, or a user's
+  .npz with arrays `x` (n, *shape) and `y` (n,)), split once into a training part, which batches
+  are drawn from, and a held-out part, which only the self-score reads.
 
 All randomness comes from the torch generator passed in, so a seed fixes every batch.
 """
@@ -209,3 +212,116 @@ def load_points(path: str | Path, field: str = "target.file") -> torch.Tensor:
         row = int(np.argmin(finite)) + 1
         raise ValueError(f"{field}: {path}: row {row} contains NaN or infinity")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+LABELLED_DATASETS = ("digits",)
+SPLIT_SEED = 0
+"""The hold-out split does not depend on the training seed, so scores of runs compare."""
+
+
+class LabelledTarget:
+    """Labelled samples: x (n, dim) float32 (flattened from (n, *shape)), y (n,) int64 indices
+    into `classes`. `holdout` of them (a seeded split, stratified by nothing but chance) are kept
+    out of training for the self-score; batches are drawn with replacement from the rest."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        shape: tuple[int, ...],
+        classes: tuple[str, ...],
+        data_range: tuple[float, float],
+        spec: dict[str, Any],
+        holdout: float = 0.2,
+    ):
+        self.shape = shape
+        self.classes = classes
+        self.data_range = data_range
+        self.dim = int(x.shape[1])
+        self.holdout = holdout
+        self._spec = spec
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        held = round(holdout * len(x))
+        self.held_x, self.held_y = x[order[:held]], y[order[:held]]
+        self.train_x, self.train_y = x[order[held:]], y[order[held:]]
+
+    def sample_labelled(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, dim) training samples and their (n,) labels, drawn with replacement."""
+        index = torch.randint(0, len(self.train_x), (n,), generator=generator)
+        return self.train_x[index], self.train_y[index]
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.sample_labelled(n, generator)[0]
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            **self._spec,
+            "shape": list(self.shape),
+            "classes": len(self.classes),
+            "train": len(self.train_x),
+            "held_out": len(self.held_x),
+        }
+
+
+def load_digits_target(holdout: float = 0.2) -> LabelledTarget:
+    """scikit-learn's bundled 8 x 8 handwritten digits (1,797 images, grey levels 0-16), as
+    (1, 8, 8) images scaled to [-1, 1]; classes "0" .. "9"."""
+    from sklearn.datasets import load_digits  # only this target needs scikit-learn's data
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.reshape(len(digits.images), -1) / 8.0 - 1.0).float()
+    y = torch.from_numpy(digits.target).long()
+    return LabelledTarget(
+        x,
+        y,
+        shape=(1, 8, 8),
+        classes=tuple(str(k) for k in range(10)),
+        data_range=(-1.0, 1.0),
+        spec={"dataset": "digits"},
+        holdout=holdout,
+    )
+
+
+def load_labelled_file(path: Path, spec_path: str, holdout: float = 0.2) -> LabelledTarget:
+    """A user's .npz with `x` (n, *shape) numbers, `y` (n,) integer labels 0 .. k-1 and, optionally,
+    `classes` (k,) names; ValueError naming the file and what is wrong."""
+    field = "target.file"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{field}: {path}: cannot read ({reason})") from None
+    with archive:
+        missing = [key for key in ("x", "y") if key not in archive.files]
+        if missing:
+            raise ValueError(f"{field}: {path}: missing array(s) {', '.join(missing)}")
+        x, y = archive["x"], archive["y"]
+        names = archive["classes"] if "classes" in archive.files else None
+    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2 or x.shape[0] < 2:
+        raise ValueError(f"{field}: {path}: x must hold numbers of shape (n, ...), n >= 2")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{field}: {path}: x contains NaN or infinity")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+        raise ValueError(f"{field}: {path}: y must be {x.shape[0]} integer labels")
+    if y.min() < 0:
+        raise ValueError(f"{field}: {path}: y holds a negative label")
+    count = int(y.max()) + 1
+    if names is not None:
+        if names.shape != (len(names),) or len(names) < count:
+            raise ValueError(f"{field}: {path}: classes must name every label 0 .. {count - 1}")
+        classes = tuple(str(name) for name in names)
+    else:
+        classes = tuple(str(k) for k in range(count))
+    flat = torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32))
+    return LabelledTarget(
+        flat,
+        torch.from_numpy(y.astype(np.int64)),
+        shape=tuple(int(s) for s in x.shape[1:]),
+        classes=classes,
+        data_range=(float(x.min()), max(float(x.max()), float(x.min()) + 1.0)),
+        spec={"file": spec_path},
+        holdout=holdout,
+    )

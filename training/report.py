@@ -79,3 +79,59 @@ def plot_report(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def image_grid(images: torch.Tensor, data_range: tuple[float, float], gap: int = 1) -> torch.Tensor:
+    """Tile images (rows, cols, *shape) with shape (H, W), (1, H, W) or (3, H, W) into one
+    (rows (H + gap), cols (W + gap), 3) array in [0, 1], values mapped from `data_range`."""
+    rows, cols = images.shape[:2]
+    pictures = images.reshape(rows, cols, -1, *images.shape[-2:])
+    if pictures.shape[2] == 1:
+        pictures = pictures.expand(rows, cols, 3, *pictures.shape[-2:])
+    low, high = data_range
+    pictures = ((pictures - low) / (high - low)).clamp(0, 1)
+    height, width = pictures.shape[-2:]
+    canvas = torch.ones(rows * (height + gap), cols * (width + gap), 3)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = r * (height + gap), c * (width + gap)
+            canvas[top : top + height, left : left + width] = pictures[r, c].permute(1, 2, 0)
+    return canvas
+
+
+def plot_labelled_report(
+    path: Path,
+    losses: list[float],
+    grids: dict[float, torch.Tensor],
+    data_range: tuple[float, float],
+    quality: dict,
+    title: str = "",
+) -> None:
+    """A class-conditional model's report: the loss curve, then a grid of samples per guidance
+    scale (one row per class), each titled with its accuracy and Frechet / floor.
+
+    grids: scale -> (classes, per_class, *shape) samples.
+    """
+    panels = len(grids) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 4.2), dpi=80)
+    loss_ax = axes[0]
+    loss_ax.plot(range(1, len(losses) + 1), losses, lw=0.5, alpha=0.4, color="tab:blue")
+    loss_ax.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
+    for ax, (scale, images) in zip(axes[1:], sorted(grids.items()), strict=True):
+        row = quality["by_guidance"][f"{scale:g}"]
+        ax.imshow(image_grid(images, data_range).numpy(), interpolation="nearest")
+        ax.set_title(
+            f"guidance {scale:g}\naccuracy {row['accuracy']:.3f}, "
+            f"Frechet/floor {row['fd_ratio']:.2f}",
+            fontsize=9,
+        )
+        ax.set_yticks(
+            [i * (images.shape[-2] + 1) + images.shape[-2] / 2 for i in range(images.shape[0])]
+        )
+        ax.set_yticklabels(range(images.shape[0]), fontsize=7)
+        ax.set_xticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -22,13 +22,14 @@ from tqdm import tqdm
 
 from service.cli import OneLineParser, UsageError
 from service.devices import DEVICES, resolve_device
+from service.field import Condition, Signature, VelocityField
 from service.solvers import integrate
 from training.config import Config, TrainConfig, load_config
 from training.coupling import pair
 from training.export import check_name, write_artifact
-from training.metrics import score
-from training.network import VelocityMLP, num_parameters
-from training.report import plot_report
+from training.metrics import score, score_labelled
+from training.network import ConditionalMLP, VelocityMLP, num_parameters
+from training.report import plot_labelled_report, plot_report
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,19 +69,51 @@ def lr_factor(step: int, train: TrainConfig) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def signature_of(config: Config) -> Signature:
+    """How the service will call the exported network (the manifest's serving fields)."""
+    target = config.target
+    if config.condition is None:
+        return Signature(config.dim, (config.dim,))
+    condition = Condition(
+        "class",
+        1,
+        target.classes,
+        None if config.condition.p_uncond == 0 else (float(len(target.classes)),),
+    )
+    return Signature(config.dim, target.shape, ("t", "x", "c"), (-1, 1), condition)
+
+
+def build_network(config: Config) -> torch.nn.Module:
+    """The network the config describes, initialised from the training seed."""
+    model = config.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        if config.condition is None:
+            return VelocityMLP(config.dim, model.hidden, model.layers, model.activation)
+        return ConditionalMLP(
+            config.target.shape,
+            len(config.target.classes),
+            model.hidden,
+            model.layers,
+            model.activation,
+            model.embedding,
+            model.frequencies,
+        )
+
+
 def train(config: Config, device: torch.device | str = "cpu", progress: bool | None = None):
     """Run the optimisation; returns a `TrainResult`. Raises `TrainingDiverged` on a NaN loss.
 
     Every random draw comes from generators seeded by `config.train.seed`; batches are drawn on
-    the CPU, so CPU runs with the same config repeat bit for bit.
+    the CPU, so CPU runs with the same config repeat bit for bit. A conditional model's labels
+    are replaced by the null class with probability `condition.p_uncond` (label dropout).
     """
     settings = config.train
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        network = VelocityMLP(
-            config.dim, config.model.hidden, config.model.layers, config.model.activation
-        ).to(device)
+    network = build_network(config).to(device)
+    field = VelocityField(signature_of(config), network, device=device)
+    condition = config.condition
+    null = len(config.target.classes) if condition is not None else 0
     average = copy.deepcopy(network).requires_grad_(False) if settings.ema > 0 else None
     optimiser = torch.optim.AdamW(
         network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
@@ -101,7 +134,13 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | N
     try:
         for step in bar:
             x0 = config.source.sample(settings.batch_size, generator)
-            x1 = config.target.sample(settings.batch_size, generator)
+            labels = None
+            if condition is None:
+                x1 = config.target.sample(settings.batch_size, generator)
+            else:
+                x1, labels = config.target.sample_labelled(settings.batch_size, generator)
+                dropped = torch.rand(settings.batch_size, generator=generator) < condition.p_uncond
+                labels = torch.where(dropped, null, labels).to(device)
             paired_at = time.perf_counter()
             x0, x1 = pair(x0, x1, settings.coupling)
             result.coupling_seconds += time.perf_counter() - paired_at
@@ -109,7 +148,8 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | N
             x0, x1, t = x0.to(device), x1.to(device), t.to(device)
 
             xt = (1 - t) * x0 + t * x1
-            loss = (network(t, xt) - (x1 - x0)).square().sum(dim=1).mean()
+            velocity = field.differentiable(t, xt, labels)
+            loss = (velocity - (x1 - x0)).square().sum(dim=1).mean()
             value = loss.item()
             if not math.isfinite(value):
                 raise TrainingDiverged(
@@ -172,28 +212,25 @@ def run(
     progress: bool | None = None,
     num_samples: int = 10_000,
     chunk: int = 2000,
+    score_draws: int = 3,
+    score_steps: int = 100,
 ) -> dict:
-    """Train, score (`metrics.score` with `num_samples` and `chunk`), and write the artifact at
-    `out`: model.pt, manifest.json, loss.csv (step,loss) and report.png. Returns the manifest.
+    """Train, score, and write the artifact at `out`: model.pt, manifest.json, loss.csv
+    (step,loss) and report.png. Returns the manifest.
+
+    Unconditional models are scored by `metrics.score` with `num_samples` and `chunk`;
+    class-conditional ones by `metrics.score_labelled` with `score_draws` draws of `score_steps`
+    Euler steps at guidance 1, the default scale, 2 and 3.
 
     Manifest keys beyond the contract's: "config" (the resolved config), "torch_version",
     "parameters", "final_loss" (mean of the last 100 steps), "train_seconds",
-    "coupling_ms_per_step", "created_at" (ISO 8601 UTC) and "quality" (see `metrics.score`).
+    "coupling_ms_per_step", "created_at" (ISO 8601 UTC) and "quality"; for a conditional model
+    also the serving fields "shape", "inputs", "condition", "guidance_scale" and "data_range".
     """
     result = train(config, device, progress=progress)
     network = result.network
     # The score draws from its own generator, so it never depends on how training consumed its.
     generator = torch.Generator().manual_seed(config.train.seed + 1)
-    quality = score(
-        network, config.source, config.target, generator, num_samples=num_samples, chunk=chunk
-    )
-    print_quality(quality)
-
-    with torch.no_grad():
-        x0 = config.source.sample(3000, generator)
-        samples = integrate(network, x0, 100)
-        paths = integrate(network, x0[:40], 100, stride=1)
-    target_samples = config.target.sample(3000, generator)
     steps = len(result.losses)
     manifest = {
         "dim": config.dim,
@@ -205,23 +242,104 @@ def run(
         "train_seconds": round(result.seconds, 1),
         "coupling_ms_per_step": round(1000 * result.coupling_seconds / steps, 2),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "quality": quality,
     }
-    title = (
-        f"{out.name}: W2/floor {quality['w2_ratio']:.3f} at 100 Euler steps, "
-        f"NPE {_figure(quality['npe'])}"
-    )
+    if config.condition is not None:
+        signature = signature_of(config)
+        field = VelocityField(signature, network)
+        default = config.guidance_scale if config.guidance_scale is not None else 1.0
+        scales = tuple(sorted({1.0, default, 2.0, 3.0}))
+        if signature.condition.null is None:
+            scales = (1.0,)
+        quality = score_labelled(
+            field,
+            config.source,
+            config.target,
+            generator,
+            scales=scales,
+            num_steps=score_steps,
+            draws=score_draws,
+            on_stage=print,
+        )
+        print_labelled_quality(quality)
+        manifest.update(signature.manifest_fields())
+        if config.guidance_scale is not None:
+            manifest["guidance_scale"] = config.guidance_scale
+        manifest["data_range"] = list(config.target.data_range)
+        manifest["quality"] = quality
+        grids = {w: class_grid(field, config, generator, w, score_steps) for w in scales}
+        title = (
+            f"{out.name}: accuracy {quality['by_guidance'][f'{default:g}']['accuracy']:.3f} and "
+            f"Frechet / floor {quality['by_guidance'][f'{default:g}']['fd_ratio']:.2f} at "
+            f"guidance {default:g}"
+        )
+
+        def report(path: Path) -> None:
+            plot_labelled_report(
+                path, result.losses, grids, config.target.data_range, quality, title
+            )
+    else:
+        quality = score(
+            network, config.source, config.target, generator, num_samples=num_samples, chunk=chunk
+        )
+        print_quality(quality)
+        manifest["quality"] = quality
+        with torch.no_grad():
+            x0 = config.source.sample(3000, generator)
+            samples = integrate(network, x0, 100)
+            paths = integrate(network, x0[:40], 100, stride=1)
+        target_samples = config.target.sample(3000, generator)
+        title = (
+            f"{out.name}: W2/floor {quality['w2_ratio']:.3f} at 100 Euler steps, "
+            f"NPE {_figure(quality['npe'])}"
+        )
+
+        def report(path: Path) -> None:
+            plot_report(
+                path, result.losses, samples, target_samples, paths, quality["by_steps"], title
+            )
+
     return write_artifact(
         out,
         network,
         manifest,
         extra_files={
             "loss.csv": lambda path: write_losses(path, result.losses),
-            "report.png": lambda path: plot_report(
-                path, result.losses, samples, target_samples, paths, quality["by_steps"], title
-            ),
+            "report.png": report,
         },
     )
+
+
+@torch.no_grad()
+def class_grid(
+    field: VelocityField,
+    config: Config,
+    generator: torch.Generator,
+    scale: float,
+    num_steps: int,
+    per_class: int = 8,
+) -> torch.Tensor:
+    """(classes, per_class, *shape) samples asked for each class at guidance `scale`."""
+    count = len(config.target.classes)
+    labels = torch.arange(count).repeat_interleave(per_class).to(torch.float32).unsqueeze(1)
+    x0 = config.source.sample(len(labels), generator)
+    w = None if scale == 1 else torch.full((len(labels), 1), float(scale))
+    samples = integrate(lambda t, x: field(t, x, labels, w), x0, num_steps)
+    return samples.reshape(count, per_class, *config.target.shape)
+
+
+def print_labelled_quality(quality: dict, out=sys.stdout) -> None:
+    print(
+        f"classifier accuracy on held-out data {quality['classifier_held_out_accuracy']:.4f}; "
+        f"Frechet floor {quality['fd_floor']:.4f}",
+        file=out,
+    )
+    for w, row in quality["by_guidance"].items():
+        print(
+            f"guidance {w}: accuracy {row['accuracy']:.4f} (sd {row['accuracy_sd']:.4f})  "
+            f"Frechet/floor {row['fd_ratio']:.3f} (sd {row['fd_ratio_sd']:.3f})  "
+            f"nearest-neighbour ratio {row['nn_ratio']:.3f}",
+            file=out,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

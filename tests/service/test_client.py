@@ -175,6 +175,7 @@ def test_log_prob_decodes_every_field() -> None:
     np.testing.assert_array_equal(out["log_prob"], [-1.0, -2.0])
     assert out["latents"].shape == (2, 2)
     assert out["divergence_stderr"] is None
+    assert out["model"] == "m"  # the answer's other fields come along as they are
 
 
 def test_models_and_model() -> None:
@@ -191,8 +192,45 @@ def test_models_and_model() -> None:
 def test_x0_of_the_wrong_rank_is_refused_before_sending() -> None:
     handler = Recorder(npy_response(np.zeros((1, 2), np.float32)))
     with mock_client(handler) as client, pytest.raises(ValueError, match="x0"):
-        client.sample(x0=np.zeros((2, 2, 2)))
+        client.sample(x0=np.float32(3.0))
     assert handler.requests == []
+
+
+def test_shaped_points_travel_as_npy_with_the_other_fields_as_headers() -> None:
+    x0 = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 1, 3, 4)
+    handler = Recorder(npy_response(np.zeros((2, 1, 3, 4), np.float32)))
+    with mock_client(handler) as client:
+        client.sample(x0=x0, model="img", num_steps=8, labels=[0, "seven"], guidance_scale=2.0)
+    request = handler.requests[0]
+    assert request.headers["Content-Type"] == "application/x-npy"
+    np.testing.assert_array_equal(np.load(io.BytesIO(request.content)), x0)
+    sent = {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-flow-")}
+    assert sent == {
+        "x-flow-model": '"img"',
+        "x-flow-num-steps": "8",
+        "x-flow-labels": '[0,"seven"]',
+        "x-flow-guidance-scale": "2.0",
+    }
+
+
+def test_with_info_gives_the_seed_and_the_answer_fields() -> None:
+    headers = {
+        "X-Flow-Model": "m",
+        "X-Flow-Seed": "123",
+        "X-Flow-Num-Steps": "8",
+        "X-Flow-Solver": "rk4",
+        "X-Flow-Nfe": "64",
+        "X-Flow-Guidance-Scale": "2.0",
+        "X-Flow-Labels": "3",
+    }
+    handler = Recorder(npy_response(np.zeros((4, 2), np.float32), **headers))
+    with mock_client(handler) as client:
+        samples, info = client.sample(num_samples=4, labels=np.int64(3), with_info=True)
+    assert samples.shape == (4, 2)
+    assert info == client_module.AnswerInfo(
+        model="m", seed=123, num_steps=8, solver="rk4", nfe=64, guidance_scale=2.0, labels=3
+    )
+    assert handler.body() == {"num_samples": 4, "labels": 3}
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ bodies. Whatever arrives, the answer is documented and never a 5xx."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 import torch
@@ -58,6 +60,25 @@ def bounded_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _fuzz_app(models_dir: Path):
     return create_app(Settings(models_dir=models_dir, device="cpu", **LIMITS))
 
+
+def _npy(shape: tuple[int, ...], fill: float) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.full(shape, fill, dtype=np.float32))
+    return buffer.getvalue()
+
+
+# .npy request bodies: real files of a few shapes (right and wrong widths, NaN) and junk bytes.
+schemathesis.openapi.media_type(
+    "application/x-npy",
+    st.one_of(
+        st.binary(max_size=64),
+        st.builds(
+            _npy,
+            st.tuples(st.integers(1, 4), st.integers(1, 3)) | st.just((2, 1, 2)),
+            st.sampled_from([0.5, -3.0, float("nan")]),
+        ),
+    ),
+)
 
 # The schema is read at collection, from an app that has not started: /openapi.json does not
 # depend on the models. The test below checks that the running app serves the same document.
