@@ -15,7 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/app \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/cache \
-    FLOW_MODELS_DIR=/models
+    FLOW_MODELS_DIR=/models \
+    FLOW_DEFAULT_MODEL=four-gaussians
 
 RUN groupadd --system --gid 10001 flow \
     && useradd --system --uid 10001 --gid flow --home-dir /home/flow --create-home flow

@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The bundled reference demo answers requests that name no model (FLOW_DEFAULT_MODEL overrides).
 serve: setup
-	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+	FLOW_DEFAULT_MODEL=$${FLOW_DEFAULT_MODEL:-four-gaussians} \
+		$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -q

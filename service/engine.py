@@ -409,13 +409,14 @@ class Engine:
 
     def _slope(self, layout: Layout, divergence: Divergence | None) -> Slope:
         field = self.model.field
+        evaluate = field.evaluate
         c, w = layout.c, layout.w
         if divergence is None:
             if c is None:  # unconditional: the hot path, one call
-                return lambda t, y, _block: field(t, y)
+                return lambda t, y, _block: evaluate(t, y)
             if w is None:
-                return lambda t, y, block: field(t, y, block[:, c])
-            return lambda t, y, block: field(t, y, block[:, c], block[:, w])
+                return lambda t, y, block: evaluate(t, y, block[:, c])
+            return lambda t, y, block: evaluate(t, y, block[:, c], block[:, w])
         dim = self.model.dim
         exact = divergence.method == "exact"
         columns = 1 if exact else divergence.probes

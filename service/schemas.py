@@ -211,7 +211,17 @@ class _Conditioned(_Request):
 class SampleRequest(_Conditioned):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"model": "four-gaussians", "num_samples": 4, "num_steps": 100, "seed": 7}]
+            "examples": [
+                {"model": "four-gaussians", "num_samples": 4, "num_steps": 100, "seed": 7},
+                {
+                    "model": "digits",
+                    "num_samples": 10,
+                    "labels": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+                    "guidance_scale": 1.5,
+                    "num_steps": 50,
+                    "seed": 7,
+                },
+            ]
         }
     )
 
@@ -262,7 +272,8 @@ class TrajectoryRequest(SampleRequest):
                     "num_steps": 4,
                     "seed": 7,
                     "stride": 2,
-                }
+                },
+                {"model": "digits", "num_samples": 3, "labels": "7", "num_steps": 10, "stride": 5},
             ]
         }
     )
@@ -280,7 +291,8 @@ class EncodeRequest(_Conditioned):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"model": "four-gaussians", "x": [[4.0, 4.0], [-4.0, 3.5]], "num_steps": 100}
+                {"model": "four-gaussians", "x": [[4.0, 4.0], [-4.0, 3.5]], "num_steps": 100},
+                {"model": "digits", "x": [[-1.0] * 64], "labels": 3, "guidance_scale": 1.0},
             ]
         }
     )
@@ -310,7 +322,15 @@ class LogProbRequest(EncodeRequest):
                     "x": [[4.0, 4.0]],
                     "num_steps": 100,
                     "divergence": "exact",
-                }
+                },
+                {
+                    "model": "digits",
+                    "x": [[-1.0] * 64],
+                    "labels": 3,
+                    "divergence": "hutchinson",
+                    "num_probes": 16,
+                    "seed": 1,
+                },
             ]
         }
     )
@@ -361,17 +381,17 @@ class _Seeded(_Answer):
 
 
 class SampleResponse(_Seeded):
-    samples: list[list[float]]
+    samples: list[Any] = Field(description="(num_samples, *shape): rows of dim numbers, nested.")
 
 
 class TrajectoryResponse(_Seeded):
     stride: int
     times: list[float]
-    trajectory: list[list[list[float]]]
+    trajectory: list[Any] = Field(description="(len(times), num_samples, *shape), nested.")
 
 
 class EncodeResponse(_Answer):
-    latents: list[list[float]]
+    latents: list[Any] = Field(description="(n, *shape), nested.")
 
 
 class LogProbResponse(_Answer):
@@ -389,7 +409,7 @@ class LogProbResponse(_Answer):
     divergence_stderr: list[float] | None = Field(
         description="Standard error of the Hutchinson estimate (null for exact or one probe)."
     )
-    latents: list[list[float]]
+    latents: list[Any] = Field(description="(n, *shape), nested.")
 
 
 class ErrorResponse(BaseModel):

@@ -110,6 +110,8 @@ class Config:
     notes: str = ""
     condition: ConditionConfig | None = None
     guidance_scale: float | None = None
+    source_std: float | None = None
+    """Set when the config gave the source as {"std": s}; it is recorded in that short form."""
 
     @property
     def dim(self) -> int:
@@ -118,7 +120,9 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as JSON-ready data (this is what the manifest records)."""
         resolved: dict[str, Any] = {
-            "source": self.source.to_spec(),
+            "source": (
+                {"std": self.source_std} if self.source_std is not None else self.source.to_spec()
+            ),
             "target": self.target.spec(),
             "model": dataclasses.asdict(self.model),
             "train": dataclasses.asdict(self.train),
@@ -261,6 +265,11 @@ def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, A
             f"target: dimension {target.dim} does not match the source's dimension {source.dim}"
         )
     condition = _parse_condition(raw.get("condition"), target)
+    if condition is not None and train.coupling != "independent":
+        raise ValueError(
+            f"train.coupling: {train.coupling} re-pairs points without their labels; a "
+            "conditional model trains with independent pairs"
+        )
     guidance_scale = None
     if raw.get("guidance_scale") is not None:
         guidance_scale = _number(raw["guidance_scale"], "guidance_scale", 0.0, math.inf)
@@ -278,6 +287,7 @@ def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, A
         notes=notes,
         condition=condition,
         guidance_scale=guidance_scale,
+        source_std=raw["source"].get("std") if isinstance(raw["source"], Mapping) else None,
     )
 
 

@@ -187,7 +187,8 @@ def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def print_quality(quality: dict, out=sys.stdout) -> None:
+def print_quality(quality: dict, out=None) -> None:
+    out = out or sys.stdout
     print(
         f"W2 {quality['w2']:.4f}  floor {quality['w2_floor']:.4f}  "
         f"W2/floor {quality['w2_ratio']:.3f}  NPE {quality['npe']:.4f}",
@@ -327,7 +328,8 @@ def class_grid(
     return samples.reshape(count, per_class, *config.target.shape)
 
 
-def print_labelled_quality(quality: dict, out=sys.stdout) -> None:
+def print_labelled_quality(quality: dict, out=None) -> None:
+    out = out or sys.stdout
     print(
         f"classifier accuracy on held-out data {quality['classifier_held_out_accuracy']:.4f}; "
         f"Frechet floor {quality['fd_floor']:.4f}",

@@ -33,6 +33,11 @@ class Doubles(torch.nn.Module):
         return (x + t).double()
 
 
+class ThreeArguments(torch.nn.Module):
+    def forward(self, t: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x + c
+
+
 class Raises(torch.nn.Module):
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.mm(x, t)  # (B, d) @ (B, 1) fails for B != d
@@ -145,6 +150,20 @@ REFUSALS = [
     ),
     ("float64", swap_module(Doubles()), "forward(t, x) returned torch.float64, expected"),
     ("probe fails", swap_module(Raises()), "forward(t, x) failed on a probe input of 5 rows: "),
+    ("shape", manifest(shape=[3]), "manifest.json: shape: [3] holds 3 values, dim is 2"),
+    ("inputs", manifest(inputs=["x", "t", "c"]), 'manifest.json: inputs: lists "c" but the'),
+    (
+        "guidance without a null",
+        manifest(guidance_scale=2.0),
+        "manifest.json: guidance_scale: 2.0 needs a condition with a null",
+    ),
+    ("guidance", manifest(guidance_scale=-1), "manifest.json: guidance_scale: expected a number"),
+    ("data range", manifest(data_range=[1, 0]), "manifest.json: data_range: expected [lo, hi]"),
+    (
+        "arguments",
+        swap_module(ThreeArguments()),
+        "forward(t, x, c) takes 3 arguments; the manifest's inputs list 2 (t, x)",
+    ),
 ]
 
 

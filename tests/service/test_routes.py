@@ -650,8 +650,11 @@ def test_openapi_documents_examples_and_errors(client: TestClient) -> None:
         for status in ("401", "404", "413", "422", "503"):
             error = operation["responses"][status]["content"]["application/json"]["schema"]
             assert error == {"$ref": "#/components/schemas/ErrorResponse"}, (path, status)
-        # Each example is a request the service answers (with a model it has).
+        # Each example of an unconditional model is a request the service answers (with a model
+        # it has); those of conditional models are tried in test_conditional.
         for example in examples:
+            if example["model"] != "four-gaussians":
+                continue
             response = client.post(path, json={**example, "model": "post"})
             assert response.status_code == 200, (path, response.text)
     for path in ("/sample", "/trajectory", "/encode"):
