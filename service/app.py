@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +13,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.encoding import json_response
-from service.errors import ServiceError, Unavailable, describe_validation, status_of
+from service.errors import (
+    ServiceError,
+    Unavailable,
+    describe_validation,
+    one_line,
+    status_of,
+)
 from service.metrics import Metrics
 from service.middleware import AccessLog, BearerAuth, BodyLimit, NpyBody
 from service.registry import Registry
@@ -29,21 +35,29 @@ field v(t, x). `POST /sample` and `POST /trajectory` answer JSON, or a float32 `
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, on_fatal: Callable[[str], None] | None = None
+) -> FastAPI:
+    """The app. `on_fatal(reason)` is called when the service can no longer serve (model loading
+    crashed, or an engine keeps failing); `python -m service` then exits 1."""
     settings = settings or get_settings()
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings, metrics)
+        registry = Registry(settings, metrics, on_fatal=on_fatal)
         app.state.registry = registry
         # Load in a worker thread: /healthz answers at once, /readyz turns 200 when warm.
         loading = asyncio.create_task(asyncio.to_thread(registry.load))
-        loading.add_done_callback(_report_failure)
+        loading.add_done_callback(lambda task: _report_failure(task, registry))
+        watching = asyncio.create_task(_watch_after(loading, registry))
         try:
             yield
         finally:
             registry.closed = True  # a load still running stops before its next model
+            watching.cancel()
+            with contextlib.suppress(BaseException):
+                await watching
             with contextlib.suppress(Exception):
                 await loading
             registry.close()
@@ -67,9 +81,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _report_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("model loading failed: %s", task.exception())
+async def _watch_after(loading: asyncio.Task, registry: Registry) -> None:
+    await asyncio.shield(loading)  # shielded: stopping the watchdog must not stop a load
+    await registry.watch()
+
+
+def _report_failure(task: asyncio.Task, registry: Registry) -> None:
+    """Loading runs every model check inside each model's refusal handling, so an error here is
+    the service's own: it cannot serve, and says so."""
+    if task.cancelled() or task.exception() is None:
+        return
+    registry.fatal = f"model loading failed: {one_line(task.exception())}"
+    log.error("%s", registry.fatal)
+    if registry.on_fatal is not None:
+        registry.on_fatal(registry.fatal)
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:

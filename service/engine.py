@@ -25,15 +25,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
+    EngineFailed,
     EngineStopped,
     ModelFailed,
     QueueFull,
     ServiceError,
+    one_line,
 )
 from service.lanes import Lane, Layout, Slope, Unit, rows_of
 from service.loader import LoadedModel
@@ -45,6 +48,7 @@ __all__ = [
     "DeadlineExceeded",
     "Divergence",
     "Engine",
+    "EngineFailed",
     "EngineStats",
     "EngineStopped",
     "Job",
@@ -134,11 +138,20 @@ class EngineStats:
     jobs_done: int = 0
     jobs_failed: int = 0
     rows_dropped: dict[str, int] = field(default_factory=dict)
+    model_errors: int = 0  # jobs failed because the model raised or answered the wrong thing
 
 
 class Engine:
     """Batches the integrations of one model. `run` is awaited from the event loop; all torch
-    work happens on the engine's own thread."""
+    work happens on the engine's own thread.
+
+    Faults: a model that fails on a pass fails only the requests whose own rows fail (the others
+    are retried alone and go on); anything else that escapes a pass, or a device error, kills
+    the engine: its jobs fail with EngineFailed (503), `failure` says why, and whoever holds
+    the engine (`service.registry`) replaces it. `health` also reports an engine that makes no
+    progress while work waits. `clock` (time.monotonic) times deadlines and progress; tests
+    give a clock of their own.
+    """
 
     def __init__(
         self,
@@ -151,6 +164,8 @@ class Engine:
         single_thread_rows: int = 0,
         on_pass: Callable[[int], None] | None = None,
         on_drop: Callable[[str, int], None] | None = None,
+        on_model_error: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if block_rows > max_batch_rows:
             raise ValueError(
@@ -166,6 +181,13 @@ class Engine:
         self.stats = EngineStats()
         self._on_pass = on_pass
         self._on_drop = on_drop
+        self._on_model_error = on_model_error
+        self.clock = clock
+        self.failure: str | None = None
+        """Why the engine died (None while it runs); set once, by the engine thread or by
+        `abandon`."""
+        self.last_progress = clock()
+        """When the engine thread last finished a pass or found nothing to do."""
         self._cond = threading.Condition()
         self._pending: list[Job] = []
         self._jobs: list[Job] = []
@@ -200,9 +222,43 @@ class Engine:
     def queued_jobs(self) -> int:
         return len(self._pending) + len(self._jobs)
 
+    def health(self, stall_s: float) -> str | None:
+        """None while the engine serves; else why not: it died, or work has waited more than
+        `stall_s` seconds without a pass finishing."""
+        if self.failure is not None:
+            return self.failure
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread ended"
+        if self.queued_jobs and self.clock() - self.last_progress > stall_s:
+            waited = self.clock() - self.last_progress
+            return f"no pass finished for {waited:.0f} s while {self.queued_jobs} requests waited"
+        return None
+
+    def abandon(self, reason: str) -> None:
+        """Give up on this engine (dead or stuck): every request waiting on it fails now with
+        EngineFailed, and it takes no new work. A thread stuck in a pass is left to finish it;
+        whatever it settles later is already settled."""
+        with self._cond:
+            if self.failure is None:
+                self.failure = reason
+            self._stopping = True
+            waiting = list(self._pending) + list(self._jobs)
+            self._cond.notify()
+        error = self._failed_error()
+        for job in waiting:
+            self._resolve(job, error=error)
+
+    def _failed_error(self) -> EngineFailed:
+        return EngineFailed(
+            f"model {self.model.name}: its engine failed ({self.failure}); it is being "
+            "restarted, retry"
+        )
+
     def reserve(self, rows: int) -> Callable[[], None]:
         """Admit `rows` into the bounded queue or raise QueueFull; returns an idempotent release."""
         with self._cond:
+            if self.failure is not None:
+                raise self._failed_error()
             if self._stopping:
                 raise EngineStopped("the service is shutting down")
             if self._queued_rows + rows > self.max_queue_rows:
@@ -220,17 +276,28 @@ class Engine:
         return release
 
     async def run(self, job: Job) -> JobResult:
-        """Integrate `job`; cancelling the awaiting task drops the job at the next pass."""
+        """Integrate `job`; cancelling the awaiting task drops the job at the next pass.
+
+        The wait ends at the job's deadline whatever the engine thread does: the job is then
+        dropped at the engine's next pass, and DeadlineExceeded is raised here at once."""
         loop = asyncio.get_running_loop()
         job._future = loop.create_future()
+        # The engine may settle the future after this wait gave up on it (deadline, disconnect).
+        job._future.add_done_callback(_retrieve)
         job._loop = loop
         with self._cond:
+            if self.failure is not None:
+                raise self._failed_error()
             if self._stopping:
                 raise EngineStopped("the service is shutting down")
             self._pending.append(job)
             self._cond.notify()
+        timeout = None if job.deadline is None else max(0.0, job.deadline - self.clock())
         try:
-            return await job._future
+            return await asyncio.wait_for(asyncio.shield(job._future), timeout)
+        except TimeoutError:
+            job.cancel("deadline")
+            raise DeadlineExceeded("deadline passed") from None
         except asyncio.CancelledError:
             job.cancel("disconnect")
             raise
@@ -239,27 +306,33 @@ class Engine:
 
     def _serve(self) -> None:
         torch.set_grad_enabled(False)  # thread-local: passes that need autograd enable it
-        while True:
-            with self._cond:
-                while not (self._pending or self._jobs or self._stopping):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                arrived, self._pending = self._pending, []
-            try:
-                for job in arrived:
-                    self._admit(job)
-                self._drop_stale()
-                if self._jobs:
-                    self._pass()
-            except Exception as exc:  # a failing model must not kill the thread
-                log.exception("engine pass failed")
-                for job in list(self._jobs):
-                    self._fail(job, ModelFailed(f"model evaluation failed: {exc}".splitlines()[0]))
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine is dead: say why, fail what waits on it
+            reason = f"{type(exc).__name__}: {one_line(exc)}"
+            log.error("engine of model %s died: %s", self.model.name, reason)
+            self.abandon(reason)
+            return
         with self._cond:
             leftover, self._pending = self._pending, []
         for job in leftover + list(self._jobs):
             self._fail(job, EngineStopped("the service is shutting down"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending or self._jobs or self._stopping):
+                    self.last_progress = self.clock()
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                arrived, self._pending = self._pending, []
+            for job in arrived:
+                self._admit(job)
+            self._drop_stale()
+            if self._jobs:
+                self._pass()
+            self.last_progress = self.clock()
 
     def _lane(self, job: Job) -> Lane:
         condition_width = 0 if job.condition is None else int(job.condition.shape[1])
@@ -291,7 +364,7 @@ class Engine:
             try:
                 job.z0 = job.z0()
             except Exception as exc:
-                self._fail(job, ModelFailed(f"drawing start points failed: {exc}"))
+                self._fail(job, ModelFailed(f"drawing start points failed: {one_line(exc)}"))
                 return
         lane = self._lane(job)
         h = (job.t1 - job.t0) / job.num_steps
@@ -323,7 +396,7 @@ class Engine:
         self._jobs.append(job)
 
     def _drop_stale(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for job in list(self._jobs):
             if job.cancel_reason is not None:
                 self._fail(job, Cancelled(job.cancel_reason), reason=job.cancel_reason)
@@ -353,11 +426,10 @@ class Engine:
         for lane, units in by_lane.items():
             try:
                 rows += self._advance_lane(lane, units)
-            except Exception as exc:  # only the jobs in the failing lane pay for it
-                log.exception("forward pass failed for model %s", self.model.name)
-                error = ModelFailed(f"model evaluation failed: {exc}".splitlines()[0])
-                for job in {unit.job for unit in units}:
-                    self._fail(job, error)
+            except Exception as exc:
+                if _device_fault(exc):
+                    raise  # the device is unusable: the engine dies and is replaced
+                rows += self._advance_alone(lane, units)
         selected = [unit for unit in selected if not unit.dead]
         stats = self.stats
         stats.passes += 1
@@ -397,6 +469,43 @@ class Engine:
         self._advance_rows(lane, block)
         lane.state.index_copy_(0, index, block)
         return int(index.shape[0]) * lane.evaluations
+
+    def _advance_alone(self, lane: Lane, units: list[Unit]) -> int:
+        """A pass over `units` failed. Their rows that did not advance (a failure part way
+        through a chunked pass leaves some that did) are advanced again job by job; a job whose
+        own rows fail fails alone, with one log line. Returns the rows put through the network."""
+        rows = 0
+        for job in dict.fromkeys(unit.job for unit in units):
+            mine = [unit for unit in units if unit.job is job]
+            index = rows_of(mine, lane.device)
+            done = lane.progress(lane.state.index_select(0, index))
+            before = np.repeat(
+                [u.step * lane.stages + u.stage for u in mine], [u.rows for u in mine]
+            )
+            index = index[done == torch.from_numpy(before).to(done)]
+            if index.numel() == 0:
+                continue
+            block = lane.state.index_select(0, index)
+            try:
+                self._advance_rows(lane, block)
+            except Exception as exc:
+                if _device_fault(exc):
+                    raise
+                self._model_error(job, exc)
+                continue
+            lane.state.index_copy_(0, index, block)
+            rows += int(index.numel()) * lane.evaluations
+        return rows
+
+    def _model_error(self, job: Job, exc: Exception) -> None:
+        reason = one_line(exc)
+        log.error(
+            "model %s failed on the %d rows of one request: %s", self.model.name, job.rows, reason
+        )
+        self.stats.model_errors += 1
+        if self._on_model_error is not None:
+            self._on_model_error()
+        self._fail(job, ModelFailed(f"model evaluation failed: {reason}"))
 
     def _advance_rows(self, lane: Lane, block: torch.Tensor) -> None:
         # Rows are independent: a pass larger than chunk_rows (in network rows) goes in pieces.
@@ -503,7 +612,9 @@ class Engine:
 
     def _fail(self, job: Job, error: ServiceError, reason: str | None = None) -> None:
         if reason is not None:
-            unfinished = sum(u.rows for u in self._units.get(job, ()))
+            # A job dropped before it was admitted has all its rows unfinished.
+            units = self._units.get(job)
+            unfinished = job.rows if units is None else sum(u.rows for u in units)
             self.stats.rows_dropped[reason] = self.stats.rows_dropped.get(reason, 0) + unfinished
             if self._on_drop is not None:
                 self._on_drop(reason, unfinished)
@@ -530,3 +641,17 @@ class Engine:
 
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             loop.call_soon_threadsafe(settle)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _device_fault(exc: BaseException) -> bool:
+    """An error of the device rather than of the model's arithmetic: CUDA errors are sticky
+    (every later call fails too), so the engine must be replaced, not the request failed."""
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(exc, accelerator):
+        return True
+    return "CUDA error" in one_line(exc)

@@ -9,6 +9,8 @@ and a second protocol (another transport, a Ray Serve handle) maps the same clas
 
 from __future__ import annotations
 
+import re
+
 
 class ServiceError(Exception):
     """A request that cannot be answered as asked; the message is the user-facing detail."""
@@ -57,6 +59,10 @@ class EngineStopped(Unavailable):
     """The engine is shutting down (or has stopped): no new work is taken."""
 
 
+class EngineFailed(Unavailable):
+    """The engine of a model died or stopped making progress; it is being restarted."""
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its answer was ready; its rows left the batch."""
 
@@ -87,6 +93,18 @@ def status_of(error: ServiceError) -> int:
         if kind in STATUS:
             return STATUS[kind]
     return 500
+
+
+def one_line(exc: BaseException) -> str:
+    """The line of an exception's message that says what went wrong. TorchScript errors open
+    with "The following operation failed in the TorchScript interpreter." and a traceback; the
+    error itself is their last line, after its type ("builtins.RuntimeError: ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        return re.sub(r"^(builtins\.)?\w+: ", "", lines[-1])
+    return lines[0]
 
 
 def _location(loc: tuple) -> str:

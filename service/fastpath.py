@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from service.errors import one_line
 from service.field import Signature, VelocityField
 
 log = logging.getLogger("flowserve.fastpath")
@@ -159,7 +160,7 @@ def optimize(field: VelocityField, rewrites: tuple[str, ...] = DEFAULT_REWRITES)
     try:
         best = torch.jit.freeze(module.eval())
     except Exception as exc:  # a module freeze cannot handle is still served as it is
-        log.warning("graph rewrites skipped: freeze failed: %s", str(exc).splitlines()[0])
+        log.warning("graph rewrites skipped: freeze failed: %s", one_line(exc))
         return Optimized(module, [])
     if not _agrees(field, best):
         log.warning("graph rewrites skipped: the frozen graph differs from the loaded one")
@@ -172,7 +173,7 @@ def optimize(field: VelocityField, rewrites: tuple[str, ...] = DEFAULT_REWRITES)
         try:
             changed = _GRAPH_REWRITES[name](candidate.graph, field.signature)
         except Exception as exc:
-            log.warning("graph rewrite %s skipped: %s", name, str(exc).splitlines()[0])
+            log.warning("graph rewrite %s skipped: %s", name, one_line(exc))
             continue
         if not changed:
             continue
@@ -197,7 +198,7 @@ def optimize(field: VelocityField, rewrites: tuple[str, ...] = DEFAULT_REWRITES)
     try:
         runs = [_run_until_planned(field.with_graphs(fused), probe) for probe in probes]
     except Exception as exc:
-        log.warning("graph rewrite onednn skipped: %s", str(exc).splitlines()[0])
+        log.warning("graph rewrite onednn skipped: %s", one_line(exc))
         runs = []
     if not runs or not all(planned for _, planned in runs):  # nothing the fuser could take
         torch.jit.enable_onednn_fusion(was_on)

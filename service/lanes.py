@@ -218,6 +218,11 @@ class Lane:
         steps.add_(last.to(steps.dtype))
         stage_col.copy_(torch.where(last.squeeze(1), 0.0, stage_col + 1))
 
+    def progress(self, s: torch.Tensor) -> torch.Tensor:
+        """(n,) stages done by each row of `s`: steps x stages + stage. A stage that ran adds 1."""
+        steps = s[:, self.layout.steps].squeeze(1) * self.stages
+        return steps if self.layout.stage is None else steps + s[:, self.layout.stage]
+
     def _euler_columns(self, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layout = self.layout
         return s[:, layout.x], s[:, layout.h], s[:, layout.t0], s[:, layout.steps]

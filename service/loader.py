@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from service.artifact import MANIFEST_FORMAT, NAME_PATTERN, REQUIRED_FIELDS, sha256_of
-from service.errors import ModelFailed
+from service.errors import ModelFailed, one_line
 from service.fastpath import DEFAULT_REWRITES, optimize
 from service.field import Signature, VelocityField
 from service.mixture import GaussianMixture
@@ -142,7 +142,7 @@ def probe(field: VelocityField, rows: int, seed: int = 0, *, finite: bool = Fals
         raise ModelRefused(str(exc)) from None
     except Exception as exc:
         raise ModelRefused(
-            f"{field.signature.call} failed on a probe input of {rows} rows: {exc}".splitlines()[0]
+            f"{field.signature.call} failed on a probe input of {rows} rows: {one_line(exc)}"
         ) from None
     if finite and not torch.isfinite(out).all():
         raise ModelRefused(
@@ -159,9 +159,7 @@ def load_module(weights: Path, device: torch.device) -> torch.jit.ScriptModule:
     try:
         module = torch.jit.load(str(weights), map_location=device)
     except Exception as exc:  # torch raises several unrelated types for a corrupt archive
-        raise ModelRefused(
-            f"model.pt does not load as TorchScript: {exc}".splitlines()[0]
-        ) from None
+        raise ModelRefused(f"model.pt does not load as TorchScript: {one_line(exc)}") from None
     return module.eval()
 
 
@@ -221,7 +219,7 @@ def load_model(
         field = field.with_graphs(fast.module, small=fast.unfused, small_rows=fused_min_rows)
         warm_up(field, warmup_passes, warmup_rows)
     except Exception as exc:
-        raise ModelRefused(f"the fast path or warm-up failed: {exc}".splitlines()[0]) from None
+        raise ModelRefused(f"the fast path or warm-up failed: {one_line(exc)}") from None
     return LoadedModel(
         name=manifest["name"],
         dim=dim,
@@ -233,20 +231,43 @@ def load_model(
     )
 
 
-def load_models(models_dir: Path, device: torch.device, **options: Any) -> dict[str, LoadedModel]:
-    """Every servable folder under `models_dir`, by name; refusals are logged, not raised.
-    `options` are `load_model`'s."""
+def model_folders(models_dir: Path) -> list[Path]:
+    """The folders under `models_dir` that are models to load, in name order (hidden ones are
+    an atomic writer's work in progress)."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_models_dir(models_dir: Path) -> None:
+    """ValueError (one line) when `models_dir` is missing or holds no model folder."""
+    if not models_dir.is_dir():
+        raise ValueError(f"models dir {models_dir} does not exist (FLOW_MODELS_DIR, --models-dir)")
+    if not model_folders(models_dir):
+        raise ValueError(
+            f"models dir {models_dir} holds no model folder (FLOW_MODELS_DIR, --models-dir)"
+        )
+
+
+def load_models(
+    models_dir: Path,
+    device: torch.device,
+    refused: dict[str, str] | None = None,
+    **options: Any,
+) -> dict[str, LoadedModel]:
+    """Every servable folder under `models_dir`, by name; refusals are logged, not raised, and
+    recorded in `refused` (folder name -> reason). `options` are `load_model`'s."""
     models: dict[str, LoadedModel] = {}
     if not models_dir.is_dir():
         log.error("models dir %s does not exist: no model will be served", models_dir)
         return models
-    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-        if folder.name.startswith("."):
-            continue  # atomic writers build in hidden sibling folders
+    for folder in model_folders(models_dir):
         try:
             model = load_model(folder, device, **options)
         except ModelRefused as exc:
             log.error("refused model %s: %s", folder.name, exc)
+            if refused is not None:
+                refused[folder.name] = str(exc)
             continue
         models[model.name] = model
         log.info(

@@ -57,5 +57,24 @@ class Metrics:
             registry=r,
         )
 
+        self.model_errors = Counter(
+            "flowserve_model_errors",
+            "Requests failed because the model raised or answered the wrong shape or type.",
+            ["model"],
+            registry=r,
+        )
+        self.engine_faults = Counter(
+            "flowserve_engine_faults",
+            "Engines given up: died (an error outside a model call) or stalled.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.engine_restarts = Counter(
+            "flowserve_engine_restarts",
+            "Engines replaced by the watchdog.",
+            ["model"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

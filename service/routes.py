@@ -19,7 +19,7 @@ from service.encoding import (
     wants_npy,
     wants_png,
 )
-from service.errors import ModelNotFound, NotAcceptable
+from service.errors import ModelNotFound, NotAcceptable, NotReady
 from service.registry import Registry
 from service.schemas import (
     EncodeRequest,
@@ -225,7 +225,12 @@ async def log_prob(
 @router.get("/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
 async def list_models(registry: RegistryDep) -> Response:
     manifests = [registry.served[name].model.manifest for name in sorted(registry.served)]
-    return json_response({"models": manifests})
+    body: dict[str, Any] = {"models": manifests}
+    if registry.refused:
+        body["refused"] = [
+            {"name": name, "reason": reason} for name, reason in sorted(registry.refused.items())
+        ]
+    return json_response(body)
 
 
 @router.get(
@@ -238,7 +243,7 @@ async def get_model(name: str, registry: RegistryDep) -> Response:
         registry.get(name)  # answers 503 while loading
     served = registry.served.get(name)
     if served is None:
-        raise ModelNotFound(f"model: unknown model {name!r}")
+        raise ModelNotFound(registry.unknown(name))
     return json_response(served.model.manifest)
 
 
@@ -249,9 +254,13 @@ async def healthz() -> Response:
 
 @router.get("/readyz", response_model=HealthResponse, responses={503: ERRORS[503]})
 async def readyz(registry: RegistryDep) -> Response:
-    if not registry.ready:
-        registry.get(None)  # answers 503 while loading, with the configured Retry-After
-    return json_response({"status": "ready", "models": sorted(registry.served)})
+    reason = registry.not_ready()
+    if reason is not None:
+        raise NotReady(reason)  # 503 with the configured Retry-After
+    body: dict[str, Any] = {"status": "ready", "models": sorted(registry.served)}
+    if registry.refused:
+        body["refused"] = dict(sorted(registry.refused.items()))
+    return json_response(body)
 
 
 @router.get(

@@ -416,10 +416,21 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class RefusedModel(BaseModel):
+    name: str
+    reason: str
+
+
 class ModelsResponse(BaseModel):
     models: list[dict[str, Any]]
+    refused: list[RefusedModel] | None = Field(
+        None, description="Folders that were not loaded, and why (with FLOW_SERVE_PARTIAL)."
+    )
 
 
 class HealthResponse(BaseModel):
     status: str
     models: list[str] | None = None
+    refused: dict[str, str] | None = Field(
+        None, description="Refused folder -> why (only with FLOW_SERVE_PARTIAL)."
+    )

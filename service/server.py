@@ -16,6 +16,7 @@ from service.app import create_app
 from service.cli import OneLineParser, UsageError
 from service.devices import DEVICES, resolve_device
 from service.errors import describe_validation
+from service.loader import check_models_dir
 from service.settings import Settings
 
 
@@ -31,8 +32,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+FATAL: list[str] = []
+"""Why the service gave up, when it did: python -m service then exits 1, not 0."""
+
+
 def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    raise SystemExit(1 if FATAL else 0)
+
+
+def _give_up(reason: str) -> None:
+    """The service cannot serve: shut down as on SIGTERM (requests in flight get their grace),
+    then exit 1 so that the supervisor starts a fresh process."""
+    FATAL.append(reason)
+    signal.raise_signal(signal.SIGTERM)
 
 
 M_TRIM_THRESHOLD = -1
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
         resolve_device(settings.device)
+        check_models_dir(settings.models_dir)
     except ValidationError as exc:
         print(f"flowserve: error: {describe_validation(exc.errors())}", file=sys.stderr)
         return 2
@@ -87,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings.keep_freed_memory:
         keep_freed_memory()
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, on_fatal=_give_up),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # flowserve.access logs one structured line per request instead
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0
+    return 1 if FATAL else 0
 
 
 if __name__ == "__main__":

@@ -103,6 +103,31 @@ class Settings(BaseSettings):
         description="python -m service: glibc keeps freed memory for reuse (faster large passes).",
     )
     warmup_passes: int = Field(3, ge=0, description="Forward passes per model before ready.")
+    serve_partial: bool = Field(
+        False,
+        description="Serve the models that load when others are refused (/readyz and /models "
+        "then list the refused ones); false: a refused model keeps /readyz at 503.",
+    )
+
+    # The engine watchdog (service.registry).
+    engine_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="An engine that finishes no pass for this long while work waits is "
+        "replaced; its waiting requests get 503.",
+    )
+    engine_max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Engine replacements allowed within FLOW_ENGINE_RESTART_WINDOW_S; one more "
+        "and python -m service exits 1 for its supervisor to restart it.",
+    )
+    engine_restart_window_s: float = Field(
+        300.0, gt=0, description="The window of FLOW_ENGINE_MAX_RESTARTS."
+    )
+    watchdog_interval_s: float = Field(
+        0.5, gt=0, description="How often the watchdog looks at the engines."
+    )
 
     @model_validator(mode="after")
     def _check_engine(self) -> Settings:

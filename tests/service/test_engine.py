@@ -35,19 +35,19 @@ WAIT_S = 30.0
 
 class Gate:
     """The field as the engine sees it: counts calls, can hold call `hold_at` until released,
-    and can fail call `fail_at`."""
+    and can fail the calls in `fail_at`."""
 
     def __init__(self, module: torch.jit.ScriptModule):
         self.module = module
         self.calls = 0
         self.hold_at: int | None = None
-        self.fail_at: int | None = None
+        self.fail_at: set[int] = set()
         self.reached = threading.Event()
         self.released = threading.Event()
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls == self.fail_at:
+        if self.calls in self.fail_at:
             raise RuntimeError("field exploded\nsecond line")
         if self.calls == self.hold_at:
             self.reached.set()
@@ -110,6 +110,8 @@ def make_engine(field: torch.jit.ScriptModule) -> Iterator:
         max_queue_rows: int = 10_000,
         chunk_rows: int | None = None,
         on_pass: Callable[[int], None] | None = None,
+        on_drop: Callable[[str, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         gate = Gate(field)
         engine = Engine(
@@ -119,6 +121,8 @@ def make_engine(field: torch.jit.ScriptModule) -> Iterator:
             max_queue_rows=max_queue_rows,
             chunk_rows=chunk_rows,
             on_pass=on_pass,
+            on_drop=on_drop,
+            clock=clock,
         )
         engine.start()
         engines.append(engine)
@@ -304,11 +308,13 @@ async def test_a_caller_that_goes_away_drops_its_rows_as_a_disconnect(make_engin
 
 
 async def test_a_past_deadline_job_gets_deadline_exceeded(make_engine) -> None:
-    engine = make_engine().engine
+    dropped = threading.Event()
+    engine = make_engine(on_drop=lambda reason, rows: dropped.set()).engine
     job = Spec(10, 5).job(0)
     job.deadline = time.monotonic() - 1.0
     with pytest.raises(DeadlineExceeded, match=r"^deadline passed$"):
         await engine.run(job)
+    assert await asyncio.to_thread(dropped.wait, WAIT_S)
     assert engine.stats.rows_dropped == {"deadline": 10}
     assert engine.stats.passes == 0
 
@@ -316,7 +322,7 @@ async def test_a_past_deadline_job_gets_deadline_exceeded(make_engine) -> None:
 async def test_a_failing_field_fails_its_jobs_and_the_engine_goes_on(make_engine, field) -> None:
     setup = make_engine()
     engine, gate = setup.engine, setup.gate
-    gate.fail_at = 2
+    gate.fail_at = {2, 3}  # the pass, then the job's rows alone
     with pytest.raises(ModelFailed, match=r"^model evaluation failed: field exploded$"):
         await engine.run(Spec(4, 5).job(0))
     result = await engine.run(Spec(4, 5).job(1))
@@ -380,7 +386,7 @@ def likelihood_job(rows: int, num_steps: int, solver: str = "euler") -> Job:
 
 async def test_a_failing_lane_fails_only_its_own_jobs(field) -> None:
     broken = Gate(field)
-    broken.fail_at = 1
+    broken.fail_at = {1, 2}
     engine = engine_for(field, broken)
     try:
         plain = asyncio.ensure_future(engine.run(Spec(4, 6).job(0)))

@@ -57,11 +57,13 @@ def optimize(module, dim: int, rewrites=fastpath.DEFAULT_REWRITES):
 
 @pytest.fixture(autouse=True)
 def restore_fuser_switch(monkeypatch):
-    """The oneDNN fuser switch is process-wide: leave it as each test found it. Whether fusion
-    pays is timed; here a stand-in timer says it does, so the outcome is the same on any machine
-    (the tests of that decision set their own)."""
+    """The oneDNN fuser switch is process-wide: start each test with it off and leave it as the
+    test found it. Whether fusion pays is timed; here a stand-in timer says it does, so the
+    outcome is the same on any machine (the tests of that decision set their own)."""
     monkeypatch.setattr(fastpath, "_speedup", lambda *_: 2.0)
     was_on = torch._C._jit_llga_enabled()
+    # Each test starts with the fuser off, whatever an earlier test (a loaded model) left.
+    torch.jit.enable_onednn_fusion(False)
     yield
     torch.jit.enable_onednn_fusion(was_on)
 

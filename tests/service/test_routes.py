@@ -568,7 +568,11 @@ def test_models_lists_the_manifests(client: TestClient, models_dir: Path) -> Non
     one = client.get("/models/odd")
     assert (one.status_code, one.json()) == (200, manifests[1])
     missing = client.get("/models/nope")
-    assert (missing.status_code, missing.json()) == (404, {"detail": "model: unknown model 'nope'"})
+    # One message for every 404 of a model name, GET or POST.
+    detail = "model: unknown model 'nope'; loaded: nan, odd, post, tiny"
+    assert (missing.status_code, missing.json()) == (404, {"detail": detail})
+    posted = client.post("/sample", json={"model": "nope", "num_samples": 1})
+    assert (posted.status_code, posted.json()) == (404, {"detail": detail})
 
 
 def test_health_and_readiness(client: TestClient) -> None:
