@@ -1,9 +1,10 @@
 # flowserve: the inference service on the bundled models, GPU-capable.
 #
 #   docker build -t flowserve .
-#   docker run --gpus all -p 8000:8000 flowserve
+#   docker run --gpus all -p 127.0.0.1:8000:8000 flowserve
+#   docker build --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" -t flowserve:cpu .
 #
-# Layers run from least to most often changed: system user, dependencies (from pyproject.toml
+# Layers run from least to most often changed: system user, dependencies (from the lock file
 # only), then the code and the models, so editing code never reinstalls torch.
 FROM python:3.11-slim
 
@@ -12,7 +13,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONPATH=/app \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/cache \
     FLOW_MODELS_DIR=/models \
@@ -24,16 +24,24 @@ RUN groupadd --system --gid 10001 flow \
 WORKDIR /app
 
 # The default torch wheel on PyPI for Linux x86_64 is the CUDA build (its CUDA runtime comes as
-# nvidia-* wheels), so the image runs on a GPU host and falls back to the CPU elsewhere.
-COPY pyproject.toml ./
-RUN pip install torch==2.13.0 \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# nvidia-* wheels), so the image runs on a GPU host and falls back to the CPU elsewhere; a CPU
+# index in TORCH_PIP_ARGS makes a small CPU-only image. Everything else comes pinned from the
+# lock file (make lock refreshes it).
+ARG TORCH_PIP_ARGS=""
+COPY requirements.lock ./
+RUN pip install ${TORCH_PIP_ARGS} torch==2.13.0 \
+    && pip install -r requirements.lock
 
+# The package itself, so the image has the flowserve command too.
+COPY pyproject.toml README.md ./
 COPY service/ ./service/
 COPY training/ ./training/
+RUN pip install --no-deps . && rm -rf build *.egg-info
+
+# The bundled models: served from /models, and kept pristine in /opt/flowserve/models, from which
+# compose's seed-models adds the models of a newer image to an existing volume.
 COPY --chown=flow:flow models/ /models/
+COPY --chown=flow:flow models/ /opt/flowserve/models/
 
 USER 10001:10001
 

@@ -4,18 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Extra pip arguments for torch, e.g. a CPU-only index on a Linux machine without CUDA (PyPI's
+# default Linux wheel is the CUDA build, several GB):
+#   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" make setup
+TORCH_PIP_ARGS ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-# The CPU build of torch is pinned before anything else so the range in pyproject.toml is already
-# satisfied and pip never pulls a CUDA wheel.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# torch 2.13.0 first, so the range in pyproject.toml is already satisfied and pip never pulls
+# another build; then every other dependency pinned by the lock file; then the project itself.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -33,6 +38,14 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.throughput
+
+# Refresh the lock files from pyproject.toml (torch is pinned above, not locked).
+LOCK = $(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	--unsafe-package torch pyproject.toml
+lock: setup
+	$(BIN)/pip install --quiet pip-tools
+	$(LOCK) --output-file requirements.lock
+	$(LOCK) --extra dev --output-file requirements-dev.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -2,7 +2,7 @@
 
     python -m bench.throughput [--device cpu|cuda] [--quick] [--models-dir DIR --model NAME]
                                [--cases check,1,2,3,4,5,flops,cuda] [--json FILE]
-                               [--no-install] [--server-env FLOW_NAME=VALUE ...]
+                               [--server-env FLOW_NAME=VALUE ...]
 
 The server runs in its own process on a free loopback port. The baseline is the reference post's
 Euler sampler (a time column built by `repeat` every step, `torch.cat([x, t])` inside forward, a
@@ -20,7 +20,7 @@ Every figure is printed beside its baseline, measured in the same run, as a rati
    3 x the answer's size + 150 MB;
 and the large request's FLOP/s as a share of a plain float32 matmul's, measured in the same run.
 With `--device cuda`, also the per-step time at 16 rows and samples x steps per second at
-1,048,576 rows, with and without the server's launch-overhead switch when it has one.
+1,048,576 rows. Load for case 3 comes from `wrk` when it is installed, else from httpx.
 
 The model is `models/four-gaussians` when it exists, else a post-style network written here.
 """
@@ -30,13 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
-import itertools
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,14 +47,20 @@ import httpx
 import numpy as np
 import torch
 
+from bench.common import (
+    MB,
+    REPO_ROOT,
+    REQUEST_TIMEOUT_S,
+    PostFlow,
+    Server,
+    rss_bytes,
+    serve,
+    write_post_model,
+)
 from service.server import keep_freed_memory
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = "four-gaussians"
 NPY = "application/x-npy"
-READY_TIMEOUT_S = 180.0
-REQUEST_TIMEOUT_S = 900.0
-MB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -113,27 +115,6 @@ def default_cases(device: str) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- the baseline
-
-
-class PostFlow(torch.nn.Module):
-    """The reference post's network: Linear/ELU layers on `torch.cat([x, t])`.
-
-    `widths`: (dim + 1, hidden, ..., dim), the in and out sizes of the Linear layers.
-    """
-
-    def __init__(self, widths: Sequence[int]) -> None:
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        for fan_in, fan_out in itertools.pairwise(widths):
-            layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ELU()]
-        self.net = torch.nn.Sequential(*layers[:-1])  # no activation after the last layer
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """t: (batch, 1), x: (batch, dim) -> velocity (batch, dim)."""
-        return self.net(torch.cat([x, t], dim=-1))
-
-    def linears(self) -> list[torch.nn.Linear]:
-        return [m for m in self.net if isinstance(m, torch.nn.Linear)]
 
 
 def post_sample(flow: torch.nn.Module, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -280,28 +261,6 @@ def matmul_flops(size: int, reps: int, device: torch.device) -> float:
 # ----------------------------------------------------------------------------- the model
 
 
-def write_post_model(root: Path, name: str, *, dim: int = 2, seed: int = 0) -> Path:
-    """root/name: the post's network (3 x 64, ELU), random weights, source N(0, 0.5 I)."""
-    torch.manual_seed(seed)
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    flow = PostFlow([dim + 1, 64, 64, 64, dim]).eval()
-    torch.jit.save(torch.jit.script(flow), str(folder / "model.pt"))
-    manifest = {
-        "format": 1,
-        "name": name,
-        "dim": dim,
-        "source": {
-            "means": [[0.0] * dim],
-            "covs": [(0.5 * np.eye(dim)).tolist()],
-            "weights": [1.0],
-        },
-        "sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return folder
-
-
 def prepare_models(
     workdir: Path, models_dir: Path | None = None, model: str | None = None
 ) -> tuple[Path, str, str]:
@@ -324,70 +283,6 @@ def prepare_models(
 
 
 # ----------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclasses.dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-@contextlib.contextmanager
-def serve(
-    models_dir: Path, device: str, log: Path, env: dict[str, str] | None = None
-) -> Iterator[Server]:
-    """A `python -m service` process on a free loopback port, ready; stopped when the block ends."""
-    port = free_port()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
-    full_env = {
-        **inherited,
-        "PYTHONUNBUFFERED": "1",
-        "FLOW_DEVICE": device,
-        "FLOW_LOG_LEVEL": "warning",
-        # The huge requests take minutes on a busy 2-core machine: a deadline must not end them.
-        "FLOW_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "service", "--models-dir", str(models_dir)]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s (log: {log})")
-            time.sleep(0.2)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def sample_body(model: str, rows: int, steps: int, seed: int | None = None) -> dict[str, Any]:
@@ -437,23 +332,13 @@ class LoadResult:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
 
-def find_wrk(install: bool, say: Callable[[str], None] = print) -> str | None:
-    """The `wrk` executable; installs the Debian package when allowed and possible."""
+def find_wrk(say: Callable[[str], None] = print) -> str | None:
+    """The `wrk` executable, or None (case 3 then drives the load from httpx, which tops out
+    lower: install wrk, e.g. `apt-get install wrk`, for the published figures)."""
     found = shutil.which("wrk")
-    if found or not install:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        say("bench: wrk is not installed and apt-get is not usable here")
-        return None
-    say("bench: wrk is not installed; running apt-get update && apt-get install -y wrk")
-    try:
-        for command in ([apt, "update"], [apt, "install", "-y", "wrk"]):
-            subprocess.run(command, check=True, capture_output=True, timeout=120)
-    except (subprocess.SubprocessError, OSError) as exc:
-        say(f"bench: installing wrk failed: {str(exc).splitlines()[0]}")
-        return None
-    return shutil.which("wrk")
+    if found is None:
+        say("bench: wrk is not installed (apt-get install wrk); case 3 uses httpx instead")
+    return found
 
 
 WRK_SCRIPT = """\
@@ -776,17 +661,6 @@ def case_head_of_line(ctx: Context) -> Figure:
     )
 
 
-def rss_bytes(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in bytes."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
 class PeakSampler:
     """Samples a process's VmRSS every `interval` seconds on a thread; `peak` is the largest."""
 
@@ -891,16 +765,6 @@ def case_flops(ctx: Context) -> list[Figure]:
     ]
 
 
-def launch_overhead_switch() -> tuple[str, str] | None:
-    """(environment variable, value turning it off) of the server's launch-overhead fix."""
-    from service.settings import Settings
-
-    for name, field in Settings.model_fields.items():
-        if "graph" in name and field.annotation is bool:
-            return f"FLOW_{name.upper()}", "false"
-    return None
-
-
 def cuda_figures(ctx: Context, label: str = "") -> list[Figure]:
     """Per-step time at a few rows and samples x steps/s at many rows, server vs post."""
     s = ctx.sizes
@@ -1003,7 +867,6 @@ def run_bench(
     models_dir: Path | None = None,
     model: str | None = None,
     workdir: Path,
-    install: bool = True,
     fresh_memory_server: bool = True,
     server_env: dict[str, str] | None = None,
     say: Callable[[str], None] = print,
@@ -1025,7 +888,7 @@ def run_bench(
     same_allocator = keep_freed_memory()
     say(f"bench: baseline allocator keeps freed memory like the server: {same_allocator}")
     wants = set(default_cases(device) if cases is None else cases)
-    wrk = find_wrk(install, say) if "3" in wants else None
+    wrk = find_wrk(say) if "3" in wants else None
     if "3" in wants:
         say(f"bench: load generator {wrk or 'httpx (wrk unavailable)'}")
     details: dict[str, Any] = {}
@@ -1064,17 +927,6 @@ def run_bench(
         with serve(served_dir, device, log, env=server_env) as fresh:
             ctx = Context(fresh.url, model, flow, torch_device, sizes, workdir, details, say, wrk)
             record(case_memory(ctx, fresh))
-    if device == "cuda" and "cuda" in wants:
-        switch = launch_overhead_switch()
-        if switch is None:
-            say("bench: the server offers no launch-overhead switch; 'without' skipped")
-        else:
-            env_name, off = switch
-            with serve(served_dir, device, log, env={**(server_env or {}), env_name: off}) as plain:
-                ctx = Context(
-                    plain.url, model, flow, torch_device, sizes, workdir, details, say, wrk
-                )
-                record(cuda_figures(ctx, label=f" ({env_name}={off})"))
     return {
         "device": device,
         "server_env": server_env or {},
@@ -1104,7 +956,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated, of {','.join(ALL_CASES)} (default: all; cuda only on a GPU)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
-    parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
     parser.add_argument(
         "--server-env",
         action="append",
@@ -1134,7 +985,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 models_dir=args.models_dir,
                 model=args.model,
                 workdir=Path(tmp),
-                install=not args.no_install,
                 server_env=dict(item.split("=", 1) for item in args.server_env),
             )
         except NotPostArchitecture as exc:

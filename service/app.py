@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.encoding import json_response
@@ -21,7 +22,7 @@ from service.errors import (
     status_of,
 )
 from service.metrics import Metrics
-from service.middleware import AccessLog, BearerAuth, BodyLimit, NpyBody
+from service.middleware import OPEN_PATHS, AccessLog, BearerAuth, BodyLimit, NpyBody
 from service.registry import Registry
 from service.routes import router
 from service.settings import Settings, get_settings
@@ -30,9 +31,23 @@ log = logging.getLogger("flowserve")
 
 DESCRIPTION = """\
 Sampling service for flow-matching models: batched ODE integration of a TorchScript velocity
-field v(t, x). `POST /sample` and `POST /trajectory` answer JSON, or a float32 `.npy` file with
-`Accept: application/x-npy`. Errors are `{"detail": "..."}`.
+field v(t, x), or v(t, x, c) with class labels or vector conditions and classifier-free guidance.
+
+- `POST /sample`: samples from the model; `POST /trajectory`: the paths, every stride-th state.
+- `POST /encode`: data back to noise; `POST /log_prob`: log-densities (continuous change of
+  variables).
+- `GET /models`, `GET /models/{name}`: manifests; `GET /healthz`, `GET /readyz`: liveness and
+  readiness; `GET /metrics`: Prometheus text.
+
+POST answers are JSON, or a float32 `.npy` file with `Accept: application/x-npy` (`/sample` of an
+image model: a PNG grid with `Accept: image/png`); points may be sent as a `.npy` body. Errors
+are `{"detail": "..."}`. With `FLOW_API_KEY` set, every endpoint but health, readiness and these
+docs needs `Authorization: Bearer <key>`: use Authorize.
 """
+DOCS_ASSETS = "/docs/static"
+"""Swagger UI's script and style, served from the fastapi-offline package: the docs page works on
+a machine without internet."""
+OPEN_DOCS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect"})
 
 
 def create_app(
@@ -62,23 +77,60 @@ def create_app(
                 await loading
             registry.close()
 
-    app = FastAPI(
-        title="flowserve",
-        version="0.1.0",
-        description=DESCRIPTION,
-        lifespan=lifespan,
+    options = {
+        "title": "flowserve",
+        "version": "0.1.0",
+        "description": DESCRIPTION,
+        "lifespan": lifespan,
         # Clients and curl often omit Content-Type; the body is JSON whatever they say.
-        strict_content_type=False,
-    )
+        "strict_content_type": False,
+        "redoc_url": None,
+    }
+    if settings.docs:
+        app = FastAPIOffline(static_url=DOCS_ASSETS, **options)
+    else:
+        app = FastAPI(**options, docs_url=None, openapi_url=None)
     app.state.settings = settings
     app.include_router(router)
+    keys = settings.api_keys()
+    if keys:
+        _declare_bearer_auth(app)
     install_error_handlers(app, settings.retry_after_s)
     app.add_middleware(NpyBody)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(BearerAuth, keys=settings.api_keys())
+    # The docs are open (a browser cannot send a bearer key to load a page); the calls made from
+    # them carry the key given to Authorize.
+    app.add_middleware(
+        BearerAuth, keys=keys, open_paths=OPEN_DOCS, open_prefixes=(DOCS_ASSETS + "/",)
+    )
     endpoints = frozenset(route.path for route in router.routes) | {"/docs", "/openapi.json"}
     app.add_middleware(AccessLog, metrics=metrics, endpoints=endpoints)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """The OpenAPI document says which operations need `Authorization: Bearer`, so /docs offers
+    Authorize and sends the key."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "One of the keys of FLOW_API_KEY.",
+            }
+            for path, operations in schema["paths"].items():
+                if path in OPEN_PATHS:
+                    continue
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _watch_after(loading: asyncio.Task, registry: Registry) -> None:

@@ -86,11 +86,20 @@ class AccessLog:
 
 
 class BearerAuth:
-    """With keys configured, every path but health and readiness needs `Authorization: Bearer`."""
+    """With keys configured, every path but health and readiness (and `open_paths` and paths
+    under `open_prefixes`) needs `Authorization: Bearer`."""
 
-    def __init__(self, app: ASGIApp, keys: list[bytes]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: list[bytes],
+        open_paths: frozenset[str] = frozenset(),
+        open_prefixes: tuple[str, ...] = (),
+    ):
         self.app = app
         self.keys = keys
+        self.open_paths = OPEN_PATHS | open_paths
+        self.open_prefixes = open_prefixes
 
     def _allowed(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -103,7 +112,13 @@ class BearerAuth:
         return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or path in self.open_paths
+            or path.startswith(self.open_prefixes)
+        ):
             await self.app(scope, receive, send)
             return
         if not self._allowed(scope):

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import sampling
@@ -265,7 +265,8 @@ async def readyz(registry: RegistryDep) -> Response:
 
 @router.get(
     "/metrics",
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format."}, 401: ERRORS[401]},
 )
 async def metrics(registry: RegistryDep) -> Response:
     registry.refresh_gauges()

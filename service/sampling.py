@@ -72,17 +72,21 @@ def _check_common(
     return nfe
 
 
-def _points(
-    points: list[list[float]], served: Served, field_name: str, limit: float
-) -> torch.Tensor:
-    """(n, dim) float32 tensor on the model's device; 422 for the wrong dimension, or for
-    coordinates past `limit`, where any network overflows float32 and answers would be NaN."""
+def _check_width(points: Any, served: Served, field_name: str) -> None:
+    """422 for points of the wrong dimension: decided from the first row, before the request
+    is admitted (whatever the engine's state, bad input is a 422)."""
     width = len(points[0])
     if width != served.model.dim:
         raise InvalidInput(
             f"{field_name}: points have {width} coordinates; model {served.model.name} has "
             f"dim {served.model.dim}",
         )
+
+
+def _points(points: Any, served: Served, field_name: str, limit: float) -> torch.Tensor:
+    """(n, dim) float32 tensor on the model's device (the width checked by `_check_width`); 422
+    for coordinates past `limit`, where any network overflows float32 and answers would be
+    NaN."""
     with np.errstate(over="ignore"):
         array = np.asarray(points, dtype=np.float32)
     largest = float(np.abs(array).max())
@@ -348,6 +352,8 @@ async def sample(
     nfe = _check_common(
         rows, req.num_steps, req.solver, settings, field_name, conditioning.evaluations
     )
+    if req.x0 is not None:
+        _check_width(req.x0, served, "x0")
     stride = getattr(req, "stride", None)
     dim = served.model.dim
     keep = kept_steps(req.num_steps, stride) if stride is not None else None
@@ -443,6 +449,7 @@ async def encode(
     nfe = _check_common(
         req.rows, req.num_steps, req.solver, settings, "x", conditioning.evaluations
     )
+    _check_width(req.x, served, "x")
 
     def build() -> Job:
         x = _points(req.x, served, "x", settings.max_abs_input)
@@ -497,6 +504,7 @@ async def log_prob(
     nfe = _check_common(
         req.rows, req.num_steps, req.solver, settings, "x", conditioning.evaluations
     )
+    _check_width(req.x, served, "x")
     method = req.divergence or (
         "exact" if dim <= settings.max_exact_divergence_dim else "hutchinson"
     )

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         None, description="Bearer key(s), comma-separated; unset means no authentication."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    docs: bool = Field(
+        True,
+        description="Serve /docs (Swagger UI, its assets local) and /openapi.json; open even "
+        "with FLOW_API_KEY, whose key Authorize sends.",
+    )
 
     # Request limits: past them a request gets 413 naming the limit.
     max_samples: int = Field(1_048_576, ge=1, description="Rows in one request.")

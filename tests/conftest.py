@@ -222,3 +222,13 @@ def euler_reference(module, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
             t = torch.full((x.shape[0], 1), k / num_steps)
             x = x + (1.0 / num_steps) * module(t, x)
     return x
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` run where a CUDA device is (`pytest -m cuda`) and skip elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -7,6 +7,7 @@ and the Dockerfile's CMD is run as a plain process on this machine's Python.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,20 +65,42 @@ def compose() -> dict[str, Any]:
 def test_dockerfile_base_and_cuda_torch(instructions: list[tuple[str, str]]) -> None:
     assert instructions[0] == ("FROM", "python:3.11-slim")
     torch = instructions[first_index(instructions, "RUN", "torch==")][1]
-    # The default PyPI wheel is the CUDA build; a CPU index URL would make it CPU-only.
-    assert "pip install torch==2.13.0" in torch
-    assert "download.pytorch.org/whl/cpu" not in DOCKERFILE.read_text()
+    # The default PyPI wheel is the CUDA build; TORCH_PIP_ARGS may name a CPU index instead.
+    assert "pip install ${TORCH_PIP_ARGS} torch==2.13.0" in torch
+    assert ("ARG", 'TORCH_PIP_ARGS=""') in instructions
 
 
-def test_dockerfile_installs_dependencies_before_copying_code(
+def test_dockerfile_installs_locked_dependencies_before_copying_code(
     instructions: list[tuple[str, str]],
 ) -> None:
-    pyproject = first_index(instructions, "COPY", "pyproject.toml")
-    install = first_index(instructions, "RUN", "pip install -r")
+    lock = first_index(instructions, "COPY", "requirements.lock")
+    install = first_index(instructions, "RUN", "pip install -r requirements.lock")
     code = first_index(instructions, "COPY", "service/")
-    assert pyproject < install < code
+    package = first_index(instructions, "RUN", "pip install --no-deps .")
+    assert lock < install < code < package
     copies_before_install = [args for name, args in instructions[:install] if name == "COPY"]
-    assert copies_before_install == ["pyproject.toml ./"]
+    assert copies_before_install == ["requirements.lock ./"]
+
+
+def test_the_lock_files_pin_every_dependency_but_torch() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {
+            re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements
+        }
+
+    def pinned(lock: str) -> set[str]:
+        lines = (REPO_ROOT / lock).read_text().splitlines()
+        return {line.split("==")[0].lower() for line in lines if "==" in line and line[0] != " "}
+
+    runtime = names(project["dependencies"]) - {"torch"}
+    dev = names(project["optional-dependencies"]["dev"])
+    assert runtime <= pinned("requirements.lock")
+    assert runtime | dev <= pinned("requirements-dev.lock")
+    assert "torch" not in pinned("requirements.lock") | pinned("requirements-dev.lock")
 
 
 def test_dockerfile_runs_as_non_root_with_the_models(instructions: list[tuple[str, str]]) -> None:
@@ -86,6 +109,8 @@ def test_dockerfile_runs_as_non_root_with_the_models(instructions: list[tuple[st
     assert users[-1].split(":")[0] not in ("root", "0")
     models = instructions[first_index(instructions, "COPY", "/models")][1]
     assert models.startswith("--chown=") and models.endswith("models/ /models/")
+    pristine = instructions[first_index(instructions, "COPY", "/opt/flowserve/models/")][1]
+    assert pristine.startswith("--chown=")
     assert first_index(instructions, "USER") > first_index(instructions, "RUN", "pip install")
 
 
@@ -152,13 +177,14 @@ def test_compose_api_serves_read_only_models_with_healthcheck(compose: dict[str,
     assert env["FLOW_MODELS_DIR"] == "/models"
     # Passed through from the shell only when set there: the service refuses an empty key.
     assert "FLOW_API_KEY" in env and env["FLOW_API_KEY"] is None
-    assert "8000:8000" in api["ports"]
+    # Loopback unless the operator exposes it (FLOW_BIND=0.0.0.0, with FLOW_API_KEY set).
+    assert api["ports"] == ["${FLOW_BIND:-127.0.0.1}:8000:8000"]
     test = api["healthcheck"]["test"]
     assert test[0] == "CMD" and any("/readyz" in part for part in test)
     assert api["restart"] == "unless-stopped"
 
 
-@pytest.mark.parametrize("name", ["api", "train"])
+@pytest.mark.parametrize("name", ["api", "train", "seed-models"])
 def test_compose_hardening(compose: dict[str, Any], name: str) -> None:
     service = compose["services"][name]
     assert service["read_only"] is True
@@ -176,8 +202,26 @@ def test_compose_train_profile_writes_into_the_models_volume(compose: dict[str, 
     assert command[:3] == ["python", "-m", "training.train"]
     out = command[command.index("--out") + 1]
     assert out.startswith("/models/")
+    # Any config of the mounted folder, chosen with TRAIN_CONFIG.
     config = command[command.index("--config") + 1]
-    assert (REPO_ROOT / config).name == "four-gaussians.json"
+    assert config == "/configs/${TRAIN_CONFIG:-four-gaussians.json}"
+    (configs,) = [v for v in train["volumes"] if v["target"] == "/configs"]
+    assert (configs["type"], configs["source"], configs["read_only"]) == (
+        "bind",
+        "./training/configs",
+        True,
+    )
+    assert (REPO_ROOT / "training" / "configs" / "four-gaussians.json").is_file()
+
+
+def test_compose_adds_the_models_of_a_newer_image_to_the_volume(compose: dict[str, Any]) -> None:
+    seed = compose["services"]["seed-models"]
+    # cp -n: a folder that is in the volume is never overwritten, missing ones are added.
+    assert seed["command"] == ["sh", "-c", "cp -rn /opt/flowserve/models/. /models/"]
+    mount = models_mount(seed)
+    assert (mount["source"], mount["read_only"]) == ("models", False)
+    api = compose["services"]["api"]
+    assert api["depends_on"] == {"seed-models": {"condition": "service_completed_successfully"}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,15 +57,29 @@ def plot_report(
     path_ax.set(title="generated trajectories", aspect="equal")
     path_ax.legend(loc="upper right", markerscale=3)
 
+    if by_steps:
+        plot_steps(step_ax, by_steps)
+    else:
+        step_ax.text(0.5, 0.5, "not scored (--score none)", ha="center", va="center")
+        step_ax.set_axis_off()
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_steps(ax, by_steps: dict[str, dict[str, float]]) -> None:
+    """W2 / floor (with its spread) against the number of Euler steps."""
     counts = sorted(by_steps, key=int)
     ratios = [by_steps[k]["w2_ratio"] for k in counts]
-    step_ax.plot([int(k) for k in counts], ratios, marker="o")
-    step_ax.axhline(1.0, color="tab:gray", ls="--", lw=1)
-    step_ax.set(
-        xscale="log", xlabel="Euler steps", ylabel="W2 / floor", title="quality per step count"
-    )
+    spreads = [by_steps[k].get("w2_ratio_sd", 0.0) for k in counts]
+    ax.errorbar([int(k) for k in counts], ratios, yerr=spreads, marker="o", capsize=3)
+    ax.axhline(1.0, color="tab:gray", ls="--", lw=1)
+    ax.set(xscale="log", xlabel="Euler steps", ylabel="W2 / floor", title="quality per step count")
     for k, ratio in zip(counts, ratios, strict=True):
-        step_ax.annotate(
+        ax.annotate(
             f"{ratio:.2f}",
             (int(k), ratio),
             textcoords="offset points",
@@ -73,12 +87,6 @@ def plot_report(
             ha="center",
             fontsize=8,
         )
-
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def image_grid(images: torch.Tensor, data_range: tuple[float, float], gap: int = 1) -> torch.Tensor:
@@ -104,7 +112,7 @@ def plot_labelled_report(
     losses: list[float],
     grids: dict[float, torch.Tensor],
     data_range: tuple[float, float],
-    quality: dict,
+    quality: dict | None,
     title: str = "",
 ) -> None:
     """A class-conditional model's report: the loss curve, then a grid of samples per guidance
@@ -118,13 +126,12 @@ def plot_labelled_report(
     loss_ax.plot(range(1, len(losses) + 1), losses, lw=0.5, alpha=0.4, color="tab:blue")
     loss_ax.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
     for ax, (scale, images) in zip(axes[1:], sorted(grids.items()), strict=True):
-        row = quality["by_guidance"][f"{scale:g}"]
         ax.imshow(image_grid(images, data_range).numpy(), interpolation="nearest")
-        ax.set_title(
-            f"guidance {scale:g}\naccuracy {row['accuracy']:.3f}, "
-            f"Frechet/floor {row['fd_ratio']:.2f}",
-            fontsize=9,
-        )
+        heading = f"guidance {scale:g}"
+        if quality is not None:
+            row = quality["by_guidance"][f"{scale:g}"]
+            heading += f"\naccuracy {row['accuracy']:.3f}, Frechet/floor {row['fd_ratio']:.2f}"
+        ax.set_title(heading, fontsize=9)
         ax.set_yticks(
             [i * (images.shape[-2] + 1) + images.shape[-2] / 2 for i in range(images.shape[0])]
         )

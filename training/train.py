@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from service.artifact import check_destination
 from service.cli import OneLineParser, UsageError
 from service.devices import DEVICES, resolve_device
 from service.field import Condition, Signature, VelocityField
@@ -27,8 +27,10 @@ from service.solvers import integrate
 from training.config import Config, TrainConfig, load_config
 from training.coupling import pair
 from training.export import check_name, write_artifact
-from training.metrics import score, score_labelled
+from training.metrics import score as score_w2
+from training.metrics import score_labelled
 from training.network import ConditionalMLP, VelocityMLP, num_parameters
+from training.progress import Progress
 from training.report import plot_labelled_report, plot_report
 
 
@@ -101,12 +103,14 @@ def build_network(config: Config) -> torch.nn.Module:
         )
 
 
-def train(config: Config, device: torch.device | str = "cpu", progress: bool | None = None):
+def train(config: Config, device: torch.device | str = "cpu", progress: bool | str | None = None):
     """Run the optimisation; returns a `TrainResult`. Raises `TrainingDiverged` on a NaN loss.
 
     Every random draw comes from generators seeded by `config.train.seed`; batches are drawn on
     the CPU, so CPU runs with the same config repeat bit for bit. A conditional model's labels
     are replaced by the null class with probability `condition.p_uncond` (label dropout).
+    progress: a `Progress` mode ("bar", "lines", "off"), False for "off", True for "bar", or
+    None: a bar on a terminal, lines otherwise.
     """
     settings = config.train
     device = torch.device(device)
@@ -124,15 +128,10 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | N
     result = TrainResult(network=network)
     running = None
     started = time.perf_counter()
-    # disable=None: a bar on a terminal, none when stderr is a pipe or a file.
-    bar = tqdm(
-        range(settings.steps),
-        desc="training",
-        disable=None if progress is None else not progress,
-        dynamic_ncols=True,
-    )
+    mode = {True: "bar", False: "off"}.get(progress, progress)
+    report = Progress(settings.steps, mode)
     try:
-        for step in bar:
+        for step in range(settings.steps):
             x0 = config.source.sample(settings.batch_size, generator)
             labels = None
             if condition is None:
@@ -169,10 +168,9 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | N
 
             result.losses.append(value)
             running = value if running is None else 0.98 * running + 0.02 * value
-            if step % 50 == 0 or step == settings.steps - 1:
-                bar.set_postfix(loss=f"{running:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            report.update(step + 1, running, schedule.get_last_lr()[0])
     finally:
-        bar.close()
+        report.close()
     result.seconds = time.perf_counter() - started
     result.network = (average if average is not None else network).cpu().eval()
     return result
@@ -205,29 +203,42 @@ def print_quality(quality: dict, out=None) -> None:
         )
 
 
+SCORES = {
+    # unconditional: points, chunk, floor draws; class-conditional: draws, Euler steps
+    "full": {"num_samples": 10_000, "chunk": 2000, "floor_draws": 20, "draws": 3, "steps": 100},
+    "quick": {"num_samples": 2000, "chunk": 1000, "floor_draws": 5, "draws": 1, "steps": 25},
+}
+"""How thoroughly the trainer scores its model (`--score`); "none" skips it."""
+
+
 def run(
     config: Config,
     out: Path,
     device: torch.device | str = "cpu",
     *,
-    progress: bool | None = None,
-    num_samples: int = 10_000,
-    chunk: int = 2000,
-    score_draws: int = 3,
-    score_steps: int = 100,
+    progress: bool | str | None = None,
+    score: str = "full",
+    num_samples: int | None = None,
+    chunk: int | None = None,
+    score_draws: int | None = None,
+    score_steps: int | None = None,
 ) -> dict:
     """Train, score, and write the artifact at `out`: model.pt, manifest.json, loss.csv
     (step,loss) and report.png. Returns the manifest.
 
-    Unconditional models are scored by `metrics.score` with `num_samples` and `chunk`;
-    class-conditional ones by `metrics.score_labelled` with `score_draws` draws of `score_steps`
-    Euler steps at guidance 1, the default scale, 2 and 3.
+    score: "full", "quick" (a few seconds, a rougher figure) or "none" (manifest "quality" is
+    null). Unconditional models are scored by `metrics.score` (`num_samples`, `chunk` override
+    the preset); class-conditional ones by `metrics.score_labelled` (`score_draws` draws of
+    `score_steps` Euler steps) at guidance 1, the default scale, 2 and 3.
 
     Manifest keys beyond the contract's: "config" (the resolved config), "torch_version",
     "parameters", "final_loss" (mean of the last 100 steps), "train_seconds",
     "coupling_ms_per_step", "created_at" (ISO 8601 UTC) and "quality"; for a conditional model
     also the serving fields "shape", "inputs", "condition", "guidance_scale" and "data_range".
     """
+    if score not in (*SCORES, "none"):
+        raise ValueError(f"--score: expected full, quick or none, got {score!r}")
+    preset = SCORES.get(score, SCORES["quick"])
     result = train(config, device, progress=progress)
     network = result.network
     # The score draws from its own generator, so it never depends on how training consumed its.
@@ -243,6 +254,7 @@ def run(
         "train_seconds": round(result.seconds, 1),
         "coupling_ms_per_step": round(1000 * result.coupling_seconds / steps, 2),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quality": None,
     }
     if config.condition is not None:
         signature = signature_of(config)
@@ -251,53 +263,72 @@ def run(
         scales = tuple(sorted({1.0, default, 2.0, 3.0}))
         if signature.condition.null is None:
             scales = (1.0,)
-        quality = score_labelled(
-            field,
-            config.source,
-            config.target,
-            generator,
-            scales=scales,
-            num_steps=score_steps,
-            draws=score_draws,
-            on_stage=print,
-        )
-        print_labelled_quality(quality)
+        quality = None
+        if score != "none":
+            quality = score_labelled(
+                field,
+                config.source,
+                config.target,
+                generator,
+                scales=scales,
+                num_steps=score_steps or preset["steps"],
+                draws=score_draws or preset["draws"],
+                on_stage=_say,
+            )
+            print_labelled_quality(quality)
         manifest.update(signature.manifest_fields())
         if config.guidance_scale is not None:
             manifest["guidance_scale"] = config.guidance_scale
         manifest["data_range"] = list(config.target.data_range)
         manifest["quality"] = quality
-        grids = {w: class_grid(field, config, generator, w, score_steps) for w in scales}
-        title = (
-            f"{out.name}: accuracy {quality['by_guidance'][f'{default:g}']['accuracy']:.3f} and "
-            f"Frechet / floor {quality['by_guidance'][f'{default:g}']['fd_ratio']:.2f} at "
-            f"guidance {default:g}"
-        )
+        _say("report: class grids for report.png")
+        grids = {
+            w: class_grid(field, config, generator, w, score_steps or preset["steps"])
+            for w in scales
+        }
+        title = f"{out.name}: not scored"
+        if quality is not None:
+            row = quality["by_guidance"][f"{default:g}"]
+            title = (
+                f"{out.name}: accuracy {row['accuracy']:.3f} and Frechet / floor "
+                f"{row['fd_ratio']:.2f} at guidance {default:g}"
+            )
 
         def report(path: Path) -> None:
             plot_labelled_report(
                 path, result.losses, grids, config.target.data_range, quality, title
             )
     else:
-        quality = score(
-            network, config.source, config.target, generator, num_samples=num_samples, chunk=chunk
-        )
-        print_quality(quality)
+        quality = None
+        if score != "none":
+            quality = score_w2(
+                network,
+                config.source,
+                config.target,
+                generator,
+                num_samples=num_samples or preset["num_samples"],
+                chunk=chunk or preset["chunk"],
+                floor_draws=preset["floor_draws"],
+                on_stage=_say,
+            )
+            print_quality(quality)
         manifest["quality"] = quality
+        _say("report: samples and paths for report.png")
         with torch.no_grad():
             x0 = config.source.sample(3000, generator)
             samples = integrate(network, x0, 100)
             paths = integrate(network, x0[:40], 100, stride=1)
         target_samples = config.target.sample(3000, generator)
-        title = (
-            f"{out.name}: W2/floor {quality['w2_ratio']:.3f} at 100 Euler steps, "
-            f"NPE {_figure(quality['npe'])}"
-        )
+        title = f"{out.name}: not scored"
+        if quality is not None:
+            title = (
+                f"{out.name}: W2/floor {quality['w2_ratio']:.3f} at 100 Euler steps, "
+                f"NPE {_figure(quality['npe'])}"
+            )
+        by_steps = quality["by_steps"] if quality is not None else {}
 
         def report(path: Path) -> None:
-            plot_report(
-                path, result.losses, samples, target_samples, paths, quality["by_steps"], title
-            )
+            plot_report(path, result.losses, samples, target_samples, paths, by_steps, title)
 
     return write_artifact(
         out,
@@ -308,6 +339,10 @@ def run(
             "report.png": report,
         },
     )
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 @torch.no_grad()
@@ -351,6 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--seed", type=int, help="override train.seed")
     parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument(
+        "--score",
+        choices=("full", "quick", "none"),
+        default="full",
+        help="how thoroughly to score the model after training (default full)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing model folder at --out"
+    )
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
@@ -358,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_name(args.out)
+        check_destination(args.out, args.force)
         config = load_config(args.config, overrides={"steps": args.steps, "seed": args.seed})
         device = resolve_device(args.device, "--device")
-        run(config, args.out, device)
+        run(config, args.out, device, score=args.score)
     except (ValueError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1

@@ -149,7 +149,6 @@ def test_every_case_runs_against_a_real_server(tmp_path: Path) -> None:
         cases=throughput.ALL_CASES,  # the GPU's figures too, here on the CPU
         models_dir=models,
         workdir=tmp_path,
-        install=False,
         fresh_memory_server=False,
         say=lambda line: None,
     )

@@ -260,3 +260,57 @@ def test_log_prob_grid_halves_batches_on_413(
     mass = float(stdout.split("integrated mass")[1].split()[0])
     assert mass == pytest.approx(1.0, abs=1e-3)
     assert heat.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.e2e
+def test_every_command_names_the_model_that_answered_and_the_seed(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = np.array([[1.0, -2.0], [0.5, 0.0]], dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    url = ["--url", server_url]  # no --model: the server's default answers, and is named
+    code, stdout, _ = run(capsys, "sample", *url, "--num-samples", "3", "--num-steps", "2")
+    assert code == 0
+    assert "model tiny, seed " in stdout and "2 euler steps, nfe 2" in stdout
+    assert "default model" not in stdout
+    code, stdout, _ = run(capsys, "encode", *url, "--x", str(tmp_path / "x.npy"))
+    assert code == 0 and "model tiny" in stdout
+    # Hutchinson without --seed: one seed is drawn, sent with every batch, and printed.
+    logp = tmp_path / "logp.csv"
+    code, stdout, _ = run(
+        capsys, "log-prob", *url, "--x", str(tmp_path / "x.npy"), "--divergence", "hutchinson",
+        "--num-probes", "4", "--num-steps", "5", "--out", str(logp),
+    )  # fmt: skip
+    assert code == 0
+    summary = [line for line in stdout.splitlines() if "hutchinson divergence" in line]
+    assert len(summary) == 1 and ", seed " in summary[0] and ", 4 probes" in summary[0]
+    assert logp.read_text().splitlines()[0] == "log_prob"
+    seed = int(summary[0].split(", seed ")[1].split(",")[0])
+    with FlowClient(server_url) as client:
+        again = client.log_prob(x=x, divergence="hutchinson", num_probes=4, num_steps=5, seed=seed)[
+            "log_prob"
+        ]
+    np.testing.assert_allclose(np.loadtxt(logp, skiprows=1), again, rtol=1e-6)
+
+
+def test_a_plot_into_a_missing_folder_fails_before_any_request(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The URL goes nowhere: a request would fail differently (exit 1).
+    code, _, err = run(
+        capsys, "sample", "--url", "http://127.0.0.1:9", "--num-samples", "2",
+        "--plot", str(tmp_path / "no" / "such" / "a.png"),
+    )  # fmt: skip
+    assert code == 2
+    assert err == (
+        f"error: --plot {tmp_path / 'no' / 'such' / 'a.png'}: folder "
+        f"{tmp_path / 'no' / 'such'} does not exist\n"
+    )
+
+
+def test_csv_columns_and_plot_axes_do_not_say_x0(tmp_path: Path) -> None:
+    cli.write_array(str(tmp_path / "p.csv"), np.zeros((2, 3), np.float32))
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "dim0,dim1,dim2"
+    cli.write_array(str(tmp_path / "t.csv"), np.zeros((2, 1, 2), np.float32), np.array([0.0, 1.0]))
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == "time,sample,dim0,dim1"
+    assert cli.AXES == ("dim 0", "dim 1")

@@ -222,3 +222,36 @@ def test_a_chunked_body_within_the_limit_is_served(limited_client) -> None:
     )
     assert response.status_code == 200
     assert response.json()["seed"] == SAMPLE["seed"]
+
+
+def test_the_docs_work_with_a_key_and_without_internet(keyed_client) -> None:
+    page = keyed_client.get("/docs")
+    assert page.status_code == 200
+    # Swagger UI's script and style come from this server, not from a CDN.
+    assert "/docs/static/swagger-ui-bundle.js" in page.text
+    assert "cdn." not in page.text and "https://" not in page.text.split("<body>")[0]
+    script = keyed_client.get("/docs/static/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    spec = keyed_client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path in ("/sample", "/trajectory", "/encode", "/log_prob"):
+        assert spec["paths"][path]["post"]["security"] == [{"bearer": []}]
+    for path in ("/models", "/metrics"):
+        assert spec["paths"][path]["get"]["security"] == [{"bearer": []}]
+    for path in ("/healthz", "/readyz"):
+        assert "security" not in spec["paths"][path]["get"]
+    # The document describes what the service answers: /metrics is text, every endpoint named.
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    for endpoint in ("/sample", "/trajectory", "/encode", "/log_prob", "/models", "/metrics"):
+        assert endpoint in spec["info"]["description"]
+
+
+def test_without_keys_no_security_is_declared_and_docs_can_be_turned_off(
+    tiny_models_dir: Path,
+) -> None:
+    with serving(tiny_models_dir) as plain:
+        assert "securitySchemes" not in plain.get("/openapi.json").json().get("components", {})
+    with serving(tiny_models_dir, docs=False) as bare:
+        assert bare.get("/docs").status_code == 404
+        assert bare.get("/openapi.json").status_code == 404
+        assert bare.get("/healthz").status_code == 200

@@ -25,8 +25,23 @@ def test_parses_the_bundled_configs():
 
 def test_defaults_and_overrides(raw_config):
     config = parse_config(raw_config, overrides={"steps": 7, "seed": None})
-    assert config.train == TrainConfig(batch_size=128, steps=7, lr=0.003, seed=0)
+    # warm-up: 200 steps, or a tenth of the steps when that is less
+    assert config.train == TrainConfig(batch_size=128, steps=7, lr=0.003, seed=0, warmup=0)
     assert config.model.activation == "elu"
+
+
+def test_a_config_of_only_the_required_fields_gets_the_recipe_that_scores_best(raw_config):
+    del raw_config["train"]
+    config = parse_config(raw_config)
+    assert config.train == TrainConfig(
+        batch_size=1024, steps=5000, lr=0.002, seed=0, schedule="cosine", warmup=200, ema=0.999
+    )
+
+
+def test_flags_stand_for_the_train_keys_they_override(raw_config):
+    raw_config["train"] = {"batch_size": 64}
+    config = parse_config(raw_config, overrides={"steps": 3, "seed": 1})
+    assert (config.train.steps, config.train.seed, config.train.batch_size) == (3, 1, 64)
 
 
 def test_to_dict_round_trips(raw_config):
@@ -63,8 +78,8 @@ NOT_PD = [[1.0, 2.0], [2.0, 1.0]]
 EYE = [[1.0, 0.0], [0.0, 1.0]]
 
 BAD_CASES = [
-    (("train",), DELETE, "config: missing train"),
-    (("train", "lr"), DELETE, "train: missing lr"),
+    (("model",), DELETE, "config: missing model"),
+    (("target",), DELETE, "config: missing target"),
     (("model", "hidden"), DELETE, "model: missing hidden"),
     (("extra",), 1, "config: unknown field(s) extra"),
     (("train", "momentum"), 0.9, "train: unknown field(s) momentum"),

@@ -79,7 +79,7 @@ def test_interrupt_leaves_nothing(raw_config, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "score", interrupted)
+    monkeypatch.setattr(train_module, "score_w2", interrupted)
     code = train_module.main(
         [
             "--config",
@@ -132,7 +132,15 @@ def test_ot_coupling_improves_two_step_sampling():
         "source": {"means": [[0.0, 0.0]], "covs": [[[1.0, 0.0], [0.0, 1.0]]], "weights": [1]},
         "target": {"means": [[3.0, 0.0]], "covs": [[[4.0, 0.0], [0.0, 0.25]]], "weights": [1]},
         "model": {"hidden": 32, "layers": 2},
-        "train": {"batch_size": 256, "steps": 300, "lr": 0.005, "seed": 0, "schedule": "cosine"},
+        "train": {
+            "batch_size": 256,
+            "steps": 300,
+            "lr": 0.005,
+            "seed": 0,
+            "schedule": "cosine",
+            "warmup": 0,
+            "ema": 0.0,
+        },
     }
     scores = {}
     for coupling in ("independent", "ot"):
@@ -165,7 +173,7 @@ def run_cli(*args):
             "m",
             "error: target.covs[0]: not positive definite",
         ),
-        ({"train": {"batch_size": 8, "steps": 1, "lr": 0.1}}, "m", "error: train: missing seed"),
+        ({"model": {"layers": 2}}, "m", "error: model: missing hidden"),
         (
             {},
             "Bad_Name",
@@ -197,3 +205,81 @@ def test_cli_usage_error_is_one_line(tmp_path):
     result = run_cli("--out", tmp_path / "m")
     assert result.returncode == 2
     assert result.stderr == "error: the following arguments are required: --config\n"
+
+
+def test_a_run_that_is_not_on_a_terminal_prints_progress_and_its_scoring_stages(
+    raw_config, tmp_path
+):
+    raw_config["train"]["steps"] = 30
+    config_path = write_json(tmp_path, raw_config)
+    result = run_cli(
+        "--config", config_path, "--out", tmp_path / "m", "--device", "cpu", "--score", "quick"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("training: step ")]
+    assert progress, result.stdout
+    assert progress[-1].startswith("training: step 30/30 (100%)  loss ")
+    assert " steps/s  elapsed " in progress[-1] and progress[-1].endswith("left 0 s")
+    assert "scoring: the W2 floor of the target (5 draws of 1000 points)" in lines
+    assert "scoring: W2 at 1, 2, 4, 8, 16, 100 Euler steps (2000 points)" in lines
+    assert lines[-1] == f"wrote {tmp_path / 'm'}"
+    quality = json.loads((tmp_path / "m" / "manifest.json").read_text())["quality"]
+    assert (quality["num_samples"], quality["chunk"], quality["floor_draws"]) == (2000, 1000, 5)
+
+
+def test_progress_lines_come_every_few_seconds():
+    from training.progress import Progress
+
+    printed = []
+    now = [0.0]
+
+    class Out:
+        def write(self, text):
+            printed.append(text)
+
+        def flush(self):
+            pass
+
+    report = Progress(100, "lines", out=Out(), every=10.0, clock=lambda: now[0])
+    for step in range(1, 101):
+        now[0] = step * 0.5  # two steps a second
+        report.update(step, 1.0, 1e-3)
+    lines = [text for text in printed if text.strip()]
+    # at 10, 20, 30, 40 and 50 s, and the last step
+    assert len(lines) == 5
+    assert lines[0].startswith("training: step 20/100 (20%)  loss 1.0000  lr 1.00e-03  2.0 steps/s")
+    assert lines[0].rstrip().endswith("elapsed 10 s  left 40 s")
+
+
+def test_a_run_without_scoring_writes_a_model_with_a_null_quality(raw_config, tmp_path):
+    raw_config["train"]["steps"] = 5
+    result = run_cli(
+        "--config", write_json(tmp_path, raw_config), "--out", tmp_path / "m", "--score", "none"
+    )
+    assert result.returncode == 0, result.stderr
+    assert not any(line.startswith("scoring:") for line in result.stdout.splitlines())
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["quality"] is None
+    assert (tmp_path / "m" / "report.png").stat().st_size > 0
+
+
+def test_an_existing_model_is_replaced_only_with_force(raw_config, tmp_path):
+    raw_config["train"]["steps"] = 3
+    config_path = write_json(tmp_path, raw_config)
+    out = tmp_path / "m"
+    assert run_cli("--config", config_path, "--out", out, "--score", "none").returncode == 0
+    before = (out / "manifest.json").read_text()
+    again = run_cli("--config", config_path, "--out", out, "--score", "none", "--seed", "3")
+    assert again.returncode == 2
+    assert (
+        again.stderr
+        == f"error: --out: {out} already holds a model folder; pass --force to replace it\n"
+    )
+    assert again.stdout == ""
+    assert (out / "manifest.json").read_text() == before
+    forced = run_cli(
+        "--config", config_path, "--out", out, "--score", "none", "--seed", "3", "--force"
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((out / "manifest.json").read_text())["config"]["train"]["seed"] == 3

@@ -1,0 +1,144 @@
+"""What the benchmarks share: the reference post's network, a model folder of it, a real
+`python -m service` process on a free loopback port, and a process's resident memory."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 180.0
+REQUEST_TIMEOUT_S = 900.0
+MB = 1024 * 1024
+
+
+class PostFlow(torch.nn.Module):
+    """The reference post's network: Linear/ELU layers on `torch.cat([x, t])`.
+
+    `widths`: (dim + 1, hidden, ..., dim), the in and out sizes of the Linear layers.
+    """
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(widths):
+            layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ELU()]
+        self.net = torch.nn.Sequential(*layers[:-1])  # no activation after the last layer
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """t: (batch, 1), x: (batch, dim) -> velocity (batch, dim)."""
+        return self.net(torch.cat([x, t], dim=-1))
+
+    def linears(self) -> list[torch.nn.Linear]:
+        return [m for m in self.net if isinstance(m, torch.nn.Linear)]
+
+
+def write_post_model(root: Path, name: str, *, dim: int = 2, seed: int = 0) -> Path:
+    """root/name: the post's network (3 x 64, ELU), random weights, source N(0, 0.5 I)."""
+    torch.manual_seed(seed)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    flow = PostFlow([dim + 1, 64, 64, 64, dim]).eval()
+    torch.jit.save(torch.jit.script(flow), str(folder / "model.pt"))
+    manifest = {
+        "format": 1,
+        "name": name,
+        "dim": dim,
+        "source": {
+            "means": [[0.0] * dim],
+            "covs": [(0.5 * np.eye(dim)).tolist()],
+            "weights": [1.0],
+        },
+        "sha256": hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@contextlib.contextmanager
+def serve(
+    models_dir: Path, device: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """A `python -m service` process on a free loopback port, ready; stopped when the block ends."""
+    port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
+    full_env = {
+        **inherited,
+        "PYTHONUNBUFFERED": "1",
+        "FLOW_DEVICE": device,
+        "FLOW_LOG_LEVEL": "warning",
+        # The huge requests take minutes on a busy 2-core machine: a deadline must not end them.
+        "FLOW_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "service", "--models-dir", str(models_dir)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s (log: {log})")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def rss_bytes(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes."""
+    values = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
