@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from service.mixture import GaussianMixture
+from service.tableau import SOLVER_NAMES
 from training.datasets import (
     DATASETS,
     LABELLED_DATASETS,
@@ -48,7 +49,7 @@ from training.datasets import (
 )
 from training.network import ACTIVATIONS
 
-COUPLINGS = ("independent", "ot")
+COUPLINGS = ("independent", "ot", "reflow")
 SCHEDULES = ("constant", "cosine")
 TIME_SAMPLINGS = ("uniform", "ends")
 
@@ -63,6 +64,33 @@ class ModelConfig:
     activation: str = "elu"
     embedding: int = 64
     frequencies: int = 16
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Reflow: the trained model whose ODE solution gives each x0 its x1.
+
+    path: the teacher's model folder (relative paths from the config's folder); solver and
+    steps: how its ODE is solved for the pairs; pairs: how many pairs are drawn before training
+    (batches are drawn from them); distill: the weight of the distillation terms, which ask the
+    student's own 1- and 2-step Euler maps to land on the teacher's x1 (0: plain reflow)."""
+
+    path: str
+    solver: str = "rk4"
+    steps: int = 25
+    pairs: int = 200_000
+    distill: float = 0.0
+    base_dir: str = dataclasses.field(default=".", compare=False, repr=False)
+
+    @property
+    def location(self) -> Path:
+        """The teacher's folder: `path`, from the config's folder when relative."""
+        path = Path(self.path)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def spec(self) -> dict[str, Any]:
+        """As the config wrote it (what the manifest records)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "base_dir"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,7 @@ class Config:
     notes: str = ""
     condition: ConditionConfig | None = None
     guidance_scale: float | None = None
+    teacher: TeacherConfig | None = None
     source_std: float | None = None
     """Set when the config gave the source as {"std": s}; it is recorded in that short form."""
 
@@ -139,6 +168,8 @@ class Config:
             resolved["condition"] = dataclasses.asdict(self.condition)
         if self.guidance_scale is not None:
             resolved["guidance_scale"] = self.guidance_scale
+        if self.teacher is not None:
+            resolved["teacher"] = self.teacher.spec()
         if self.notes:
             resolved["notes"] = self.notes
         return resolved
@@ -225,7 +256,7 @@ def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, A
         raw,
         "config",
         {"source", "target", "model"},
-        {"train", "notes", "condition", "guidance_scale"},
+        {"train", "notes", "condition", "guidance_scale", "teacher"},
     )
     if "notes" in raw and not isinstance(raw["notes"], str):
         raise ValueError("notes: expected a string")
@@ -293,6 +324,7 @@ def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, A
                 "guidance_scale: needs a condition trained with p_uncond > 0 (guidance mixes in "
                 "the unconditional field)"
             )
+    teacher = _parse_teacher(raw.get("teacher"), train.coupling, Path(base_dir))
     notes = raw.get("notes", "")
     return Config(
         source=source,
@@ -302,7 +334,28 @@ def parse_config(raw: Any, base_dir: Path | str = ".", overrides: Mapping[str, A
         notes=notes,
         condition=condition,
         guidance_scale=guidance_scale,
+        teacher=teacher,
         source_std=raw["source"].get("std") if isinstance(raw["source"], Mapping) else None,
+    )
+
+
+def _parse_teacher(spec: Any, coupling: str, base_dir: Path) -> TeacherConfig | None:
+    if coupling != "reflow":
+        if spec is not None:
+            raise ValueError('teacher: only with "coupling": "reflow"')
+        return None
+    if spec is None:
+        raise ValueError('teacher: "coupling": "reflow" needs a teacher, {"path": MODEL_DIR}')
+    _check_keys(spec, "teacher", {"path"}, {"solver", "steps", "pairs", "distill"})
+    if not isinstance(spec["path"], str) or not spec["path"]:
+        raise ValueError("teacher.path: expected the path of a model folder")
+    return TeacherConfig(
+        path=spec["path"],
+        base_dir=str(base_dir),
+        solver=_choice(spec.get("solver", "rk4"), "teacher.solver", SOLVER_NAMES),
+        steps=_integer(spec.get("steps", 25), "teacher.steps", minimum=1),
+        pairs=_integer(spec.get("pairs", 200_000), "teacher.pairs", minimum=1),
+        distill=_number(spec.get("distill", 0.0), "teacher.distill", 0.0, math.inf),
     )
 
 

@@ -30,7 +30,7 @@ def ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def pair(x0: torch.Tensor, x1: torch.Tensor, coupling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x0, x1') where x1' is x1 re-ordered by the coupling. x0, x1: (n, d)."""
-    if coupling == "independent":
+    if coupling in ("independent", "reflow"):  # reflow pairs are fixed before training
         return x0, x1
     if coupling == "ot":
         return x0, x1[ot_permutation(x0, x1)]

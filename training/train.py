@@ -31,6 +31,7 @@ from training.metrics import score as score_w2
 from training.metrics import score_labelled
 from training.network import ConditionalMLP, VelocityMLP, num_parameters
 from training.progress import Progress
+from training.reflow import distillation_loss, load_teacher, teacher_pairs
 from training.report import plot_labelled_report, plot_report
 
 
@@ -114,6 +115,15 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | s
     """
     settings = config.train
     device = torch.device(device)
+    pairs = None
+    if settings.coupling == "reflow":
+        teacher = load_teacher(config)
+        print(
+            f"reflow: {config.teacher.pairs} pairs from the teacher "
+            f"({config.teacher.steps} {config.teacher.solver} steps)",
+            flush=True,
+        )
+        pairs = teacher_pairs(teacher, config, torch.Generator().manual_seed(settings.seed + 2))
     network = build_network(config).to(device)
     field = VelocityField(signature_of(config), network, device=device)
     condition = config.condition
@@ -132,11 +142,17 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | s
     report = Progress(settings.steps, mode)
     try:
         for step in range(settings.steps):
-            x0 = config.source.sample(settings.batch_size, generator)
             labels = None
-            if condition is None:
+            if pairs is not None:
+                chosen = torch.randint(
+                    0, len(pairs[0]), (settings.batch_size,), generator=generator
+                )
+                x0, x1 = pairs[0][chosen], pairs[1][chosen]
+            elif condition is None:
+                x0 = config.source.sample(settings.batch_size, generator)
                 x1 = config.target.sample(settings.batch_size, generator)
             else:
+                x0 = config.source.sample(settings.batch_size, generator)
                 x1, labels = config.target.sample_labelled(settings.batch_size, generator)
                 dropped = torch.rand(settings.batch_size, generator=generator) < condition.p_uncond
                 labels = torch.where(dropped, null, labels).to(device)
@@ -149,6 +165,10 @@ def train(config: Config, device: torch.device | str = "cpu", progress: bool | s
             xt = (1 - t) * x0 + t * x1
             velocity = field.differentiable(t, xt, labels)
             loss = (velocity - (x1 - x0)).square().sum(dim=1).mean()
+            if pairs is not None and config.teacher.distill > 0:
+                loss = loss + config.teacher.distill * distillation_loss(
+                    field.differentiable, x0, x1
+                )
             value = loss.item()
             if not math.isfinite(value):
                 raise TrainingDiverged(

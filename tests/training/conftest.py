@@ -32,3 +32,14 @@ def write_config(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained four-gaussians model folder (200 steps, not scored): a reflow teacher."""
+    from training.config import parse_config
+    from training.train import run
+
+    out = tmp_path_factory.mktemp("teachers") / "teacher"
+    run(parse_config(FOUR_GAUSSIANS), out, progress=False, score="none")
+    return out

@@ -112,7 +112,7 @@ BAD_CASES = [
     (
         ("train", "coupling"),
         "sinkhorn",
-        "train.coupling: expected one of independent, ot, got 'sinkhorn'",
+        "train.coupling: expected one of independent, ot, reflow, got 'sinkhorn'",
     ),
     (("train", "ema"), 1.0, "train.ema: must be below 1"),
     (("model", "activation"), "swish", "model.activation: expected one of"),
