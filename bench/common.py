@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -92,10 +92,7 @@ def serve(
 ) -> Iterator[Server]:
     """A `python -m service` process on a free loopback port, ready; stopped when the block ends."""
     port = free_port()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
-    full_env = {
-        **inherited,
-        "PYTHONUNBUFFERED": "1",
+    settings = {
         "FLOW_DEVICE": device,
         "FLOW_LOG_LEVEL": "warning",
         # The huge requests take minutes on a busy 2-core machine: a deadline must not end them.
@@ -104,23 +101,40 @@ def serve(
     }
     command = [sys.executable, "-m", "service", "--models-dir", str(models_dir)]
     command += ["--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with running(command, url, log, settings, lambda: httpx.get(f"{url}/readyz", timeout=2.0)) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def running(
+    command: Sequence[str],
+    url: str,
+    log: Path,
+    env: dict[str, str],
+    probe: Callable[[], httpx.Response],
+) -> Iterator[Server]:
+    """`command` (a server at `url`, FLOW_* settings from `env` only) until the block ends, once
+    `probe()` answers 200; its output goes to `log`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
     with log.open("ab") as out:
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
+            list(command), cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server(url, process, log)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                    f"{command[2]} exited with {process.returncode}:\n{log.read_text()[-3000:]}"
                 )
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
+                if probe().status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s (log: {log})")
+                raise RuntimeError(f"{command[2]} not ready after {READY_TIMEOUT_S:.0f} s ({log})")
             time.sleep(0.2)
         yield server
     finally:

@@ -16,7 +16,7 @@ import torch
 
 from service.fastpath import optimize
 from service.field import Signature, VelocityField
-from service.server import keep_freed_memory
+from service.process import keep_freed_memory
 
 VARIANTS = {
     "as loaded": (),

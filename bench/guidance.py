@@ -22,7 +22,7 @@ import torch
 
 from service.engine import Engine, Job
 from service.loader import load_model
-from service.server import keep_freed_memory
+from service.process import keep_freed_memory
 from service.settings import Settings
 
 

@@ -1,7 +1,7 @@
 """Throughput, latency and memory of a real `python -m service`, beside the reference sampler.
 
     python -m bench.throughput [--device cpu|cuda] [--quick] [--models-dir DIR --model NAME]
-                               [--cases check,1,2,3,4,5,flops,cuda] [--json FILE]
+                               [--cases check,1,2,3,litserve,4,5,flops,cuda] [--json FILE]
                                [--server-env FLOW_NAME=VALUE ...]
 
 The server runs in its own process on a free loopback port. The baseline is the reference post's
@@ -14,6 +14,9 @@ Every figure is printed beside its baseline, measured in the same run, as a rati
 1. one large request (65,536 x 100, .npy over HTTP): samples x steps per second;
 2. one small request (16 x 100): median latency of sequential requests;
 3. 64 connections asking 16 x 100 for 10 s (driven by `wrk`): requests per second, p50, p99;
+L. ("litserve") the same load answered in JSON, against the post's sampler behind LitServe's
+   dynamic batching (`max_batch_size` 64, `batch_timeout` 5 ms; `bench/litserve_app.py`, LitServe
+   installed by the bench when missing): requests per second (bar 1.5x) and p99 (bar: lower);
 4. head of line: p99 latency of 20 small requests (16 x 20) sent while a 262,144 x 100 one runs,
    as a share of the large request's duration;
 5. memory: peak resident growth of a fresh server answering 1,000,000 x 100, against
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import shutil
@@ -53,11 +57,13 @@ from bench.common import (
     REQUEST_TIMEOUT_S,
     PostFlow,
     Server,
+    free_port,
     rss_bytes,
+    running,
     serve,
     write_post_model,
 )
-from service.server import keep_freed_memory
+from service.process import keep_freed_memory
 
 BUNDLED_MODEL = "four-gaussians"
 NPY = "application/x-npy"
@@ -106,7 +112,7 @@ QUICK = Sizes(
     cuda_small_steps=(10, 200),
     cuda_small_requests=7,
 )
-ALL_CASES = ("check", "1", "2", "3", "4", "5", "flops", "cuda")
+ALL_CASES = ("check", "1", "2", "3", "litserve", "4", "5", "flops", "cuda")
 
 
 def default_cases(device: str) -> tuple[str, ...]:
@@ -358,13 +364,21 @@ end
 
 
 def run_wrk(
-    wrk: str, url: str, body: dict[str, Any], connections: int, seconds: float, workdir: Path
+    wrk: str,
+    url: str,
+    body: dict[str, Any],
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    *,
+    path: str = "/sample",
+    accept: str = NPY,
 ) -> LoadResult:
-    """`connections` connections POSTing `body` to /sample for `seconds`."""
+    """`connections` connections POSTing `body` to `path` for `seconds`."""
     script = workdir / "sample.lua"
-    script.write_text(WRK_SCRIPT.format(body=json.dumps(body), accept=NPY))
+    script.write_text(WRK_SCRIPT.format(body=json.dumps(body), accept=accept))
     command = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
-    command += ["--timeout", "60s", "-s", str(script), f"{url}/sample"]
+    command += ["--timeout", "60s", "-s", str(script), f"{url}{path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("FLOWBENCH ")), None)
     if line is None:
@@ -381,7 +395,15 @@ def run_wrk(
     )
 
 
-def run_httpx_load(url: str, body: dict[str, Any], connections: int, seconds: float) -> LoadResult:
+def run_httpx_load(
+    url: str,
+    body: dict[str, Any],
+    connections: int,
+    seconds: float,
+    *,
+    path: str = "/sample",
+    accept: str = NPY,
+) -> LoadResult:
     """The same load from an asyncio httpx client (tops out near 250 requests/s on 2 cores)."""
     import asyncio
 
@@ -398,7 +420,7 @@ def run_httpx_load(url: str, body: dict[str, Any], connections: int, seconds: fl
                 while time.perf_counter() < stop_at:
                     began = time.perf_counter()
                     response = await client.post(
-                        f"{url}/sample", json=body, headers={"Accept": NPY}
+                        f"{url}{path}", json=body, headers={"Accept": accept}
                     )
                     if response.status_code == 200:
                         latencies.append(time.perf_counter() - began)
@@ -578,14 +600,7 @@ def case_concurrent(ctx: Context) -> Figure:
     """3. Many connections asking small requests: requests/s vs the post answering one by one."""
     s = ctx.sizes
     body = sample_body(ctx.model, s.small_rows, s.steps)
-    if ctx.wrk is not None:
-        result = run_wrk(ctx.wrk, ctx.url, body, s.concurrency, s.load_seconds, ctx.workdir)
-    else:
-        ctx.say(
-            "bench: WARNING: wrk unavailable, driving the load with httpx: it tops out near "
-            "250 requests/s on 2 cores, so this figure measures the client, not the server"
-        )
-        result = run_httpx_load(ctx.url, body, s.concurrency, s.load_seconds)
+    result = drive_load(ctx, ctx.url, body)
     wait_idle(ctx.url, ctx.model)
     # One by one, the post answers a request per median time: the median shrugs off the
     # bursts that other processes on a shared machine put into a few of the timed runs.
@@ -603,6 +618,92 @@ def case_concurrent(ctx: Context) -> Figure:
             f", {result.ok} ok, {result.errors} errors"
         ),
     )
+
+
+def drive_load(
+    ctx: Context, url: str, body: dict[str, Any], path: str = "/sample", accept: str = NPY
+) -> LoadResult:
+    """`ctx.sizes.concurrency` connections POSTing `body` for `ctx.sizes.load_seconds`."""
+    s = ctx.sizes
+    if ctx.wrk is not None:
+        return run_wrk(
+            ctx.wrk, url, body, s.concurrency, s.load_seconds, ctx.workdir, path=path, accept=accept
+        )
+    ctx.say(
+        "bench: WARNING: wrk unavailable, driving the load with httpx: it tops out near "
+        "250 requests/s on 2 cores, so this figure measures the client, not the server"
+    )
+    return run_httpx_load(url, body, s.concurrency, s.load_seconds, path=path, accept=accept)
+
+
+LITSERVE = "litserve==0.2.19"
+"""The LitServe release case 'litserve' runs against (installed by the bench when missing)."""
+
+
+def ensure_litserve(say: Callable[[str], None]) -> None:
+    if importlib.util.find_spec("litserve") is None:
+        say(f"bench: installing {LITSERVE} for case 'litserve'")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", LITSERVE], check=True)
+        importlib.invalidate_caches()
+
+
+@contextlib.contextmanager
+def serve_litserve(model_dir: Path, log: Path) -> Iterator[Server]:
+    """`bench.litserve_app` on `model_dir` on a free loopback port, ready."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bench.litserve_app", "--model-dir", str(model_dir)]
+    command += ["--port", str(port)]
+
+    def probe() -> httpx.Response:
+        return httpx.post(f"{url}/predict", json={"num_samples": 1, "num_steps": 1}, timeout=5.0)
+
+    with running(command, url, log, {}, probe) as server:
+        yield server
+
+
+def case_litserve(ctx: Context, model_dir: Path) -> list[Figure]:
+    """L. Case 3's load, answered in JSON, against the post's sampler behind LitServe's dynamic
+    batching (max_batch_size 64, batch_timeout 5 ms): requests/s, and p99 (lower is better)."""
+    s = ctx.sizes
+    ensure_litserve(ctx.say)
+    body = sample_body(ctx.model, s.small_rows, s.steps)
+    with serve_litserve(model_dir, ctx.workdir / "litserve.log") as lit:
+        seeded = {**body, "seed": 11}
+        ours = httpx.post(f"{ctx.url}/sample", json=seeded, timeout=60).json()["samples"]
+        theirs = httpx.post(f"{lit.url}/predict", json=seeded, timeout=60).json()["samples"]
+        gap = float(np.abs(np.asarray(ours) - np.asarray(theirs)).max())
+        ctx.say(f"bench: flowserve and LitServe answers for one seed differ by at most {gap:.2e}")
+        flow = drive_load(ctx, ctx.url, body, accept="application/json")
+        wait_idle(ctx.url, ctx.model)
+        other = drive_load(ctx, lit.url, body, path="/predict", accept="application/json")
+    ctx.details["litserve"] = {
+        "flowserve": {**dataclasses.asdict(flow), "rps": flow.rps},
+        "litserve": {**dataclasses.asdict(other), "rps": other.rps},
+        "same_seed_max_abs_gap": gap,
+    }
+    name = f"L. {s.concurrency} connections x {s.small_rows} x {s.steps}, JSON"
+    return [
+        Figure(
+            f"{name}, {s.load_seconds:g} s",
+            "requests/s",
+            flow.rps,
+            other.rps,
+            "LitServe (batch 64, 5 ms)",
+            1.5,
+            notes=f"{flow.ok} and {other.ok} ok, {flow.errors} and {other.errors} errors",
+        ),
+        Figure(
+            f"{name}: p99",
+            "ms",
+            1e3 * flow.p99_s,
+            1e3 * other.p99_s,
+            "LitServe (batch 64, 5 ms)",
+            1.0,
+            higher_is_better=False,
+            notes=f"p50 {1e3 * flow.p50_s:.1f} vs {1e3 * other.p50_s:.1f} ms",
+        ),
+    ]
 
 
 def case_head_of_line(ctx: Context) -> Figure:
@@ -888,8 +989,9 @@ def run_bench(
     same_allocator = keep_freed_memory()
     say(f"bench: baseline allocator keeps freed memory like the server: {same_allocator}")
     wants = set(default_cases(device) if cases is None else cases)
-    wrk = find_wrk(say) if "3" in wants else None
-    if "3" in wants:
+    loaded = {"3", "litserve"} & wants
+    wrk = find_wrk(say) if loaded else None
+    if loaded:
         say(f"bench: load generator {wrk or 'httpx (wrk unavailable)'}")
     details: dict[str, Any] = {}
     figures: list[Figure] = []
@@ -911,6 +1013,7 @@ def run_bench(
             ("flops", lambda: case_flops(ctx)),
             ("2", lambda: case_small(ctx)),
             ("3", lambda: case_concurrent(ctx)),
+            ("litserve", lambda: case_litserve(ctx, served_dir / model)),
             ("4", lambda: case_head_of_line(ctx)),
         ]
         for name, step in steps:
@@ -933,7 +1036,7 @@ def run_bench(
         "model": model,
         "model_origin": origin,
         "sizes": dataclasses.asdict(sizes),
-        "load_generator": "wrk" if wrk else ("httpx" if "3" in wants else None),
+        "load_generator": "wrk" if wrk else ("httpx" if loaded else None),
         "torch_threads": torch.get_num_threads(),
         "figures": [f.as_dict() for f in figures],
         "details": details,

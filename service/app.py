@@ -24,6 +24,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.middleware import OPEN_PATHS, AccessLog, BearerAuth, BodyLimit, NpyBody
 from service.registry import Registry
+from service.remote import RemoteRegistry
 from service.routes import router
 from service.settings import Settings, get_settings
 
@@ -60,22 +61,30 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings, metrics, on_fatal=on_fatal)
-        app.state.registry = registry
-        # Load in a worker thread: /healthz answers at once, /readyz turns 200 when warm.
-        loading = asyncio.create_task(asyncio.to_thread(registry.load))
-        loading.add_done_callback(lambda task: _report_failure(task, registry))
-        watching = asyncio.create_task(_watch_after(loading, registry))
+        if settings.engine_address:  # a front of the engine process
+            remote = RemoteRegistry(settings, metrics, on_fatal=on_fatal)
+            app.state.registry = remote
+            loading = asyncio.create_task(remote.connect())
+        else:
+            registry = Registry(settings, metrics, on_fatal=on_fatal)
+            app.state.registry = registry
+            # Load in a worker thread: /healthz answers at once, /readyz turns 200 when warm.
+            loading = asyncio.create_task(asyncio.to_thread(registry.load))
+        loading.add_done_callback(lambda task: _report_failure(task, app.state.registry))
+        watching = asyncio.create_task(_watch_after(loading, app.state.registry))
         try:
             yield
         finally:
-            registry.closed = True  # a load still running stops before its next model
+            app.state.registry.closed = True  # a load still running stops before its next model
             watching.cancel()
             with contextlib.suppress(BaseException):
                 await watching
             with contextlib.suppress(Exception):
                 await loading
-            registry.close()
+            if settings.engine_address:
+                await app.state.registry.close()
+            else:
+                app.state.registry.close()
 
     options = {
         "title": "flowserve",
@@ -133,12 +142,12 @@ def _declare_bearer_auth(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-async def _watch_after(loading: asyncio.Task, registry: Registry) -> None:
+async def _watch_after(loading: asyncio.Task, registry: Registry | RemoteRegistry) -> None:
     await asyncio.shield(loading)  # shielded: stopping the watchdog must not stop a load
     await registry.watch()
 
 
-def _report_failure(task: asyncio.Task, registry: Registry) -> None:
+def _report_failure(task: asyncio.Task, registry: Registry | RemoteRegistry) -> None:
     """Loading runs every model check inside each model's refusal handling, so an error here is
     the service's own: it cannot serve, and says so."""
     if task.cancelled() or task.exception() is None:

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "Cancelled",
     "DeadlineExceeded",
     "Divergence",
+    "Draw",
     "Engine",
     "EngineFailed",
     "EngineStats",
@@ -68,6 +70,17 @@ class Divergence:
     probes: int = 1
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Start points to draw from the model's source: `rows` of them, from a generator seeded by
+    `seed` on the engine's device. The engine draws them when it admits the job, on its own
+    thread (no torch work on the event loop), and a seed gives the same points wherever the
+    engine runs (in this process or its own)."""
+
+    seed: int
+    rows: int
+
+
 @dataclass(eq=False)
 class Job:
     """One request's integration.
@@ -77,15 +90,14 @@ class Job:
     whose states a trajectory records (None: only the final state). `probes`: (n, P, dim)
     Hutchinson probes. `deadline`: a `time.monotonic()` instant.
 
-    z0 may instead be a function that draws the (rows, width) start state: the engine calls it
-    when it admits the job, on its own thread, so no torch work runs on the event loop.
+    z0 may instead be a `Draw`: the engine draws the start points from the model's source.
 
     condition: (n, width) float32, the condition of every row as the field reads it (a class
     index, or a vector; an expanded view is fine), or None for an unconditional model.
     guidance: the scale w of classifier-free guidance, or None for the field itself (w = 1).
     """
 
-    z0: torch.Tensor | Callable[[], torch.Tensor]
+    z0: torch.Tensor | Draw
     solver: str
     num_steps: int
     t0: float = 0.0
@@ -97,23 +109,28 @@ class Job:
     condition: torch.Tensor | None = None
     guidance: float | None = None
 
-    # Given with a z0 function, else read off z0. The engine lets go of z0 once it is in a lane.
+    # Given with a Draw, else read off z0. The engine lets go of z0 once it is in a lane.
     rows: int = 0
     width: int = 0
     final: torch.Tensor | None = None
     trajectory: torch.Tensor | None = None
     units_left: int = 0
     cancel_reason: str | None = None
+    on_cancel: Callable[[str], None] | None = None  # told of cancel() (the engine elsewhere)
     _future: asyncio.Future | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.z0, torch.Tensor):
             self.rows, self.width = (int(n) for n in self.z0.shape)
+        elif isinstance(self.z0, Draw) and not self.rows:
+            self.rows = self.z0.rows
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the engine to drop this job at its next pass (thread-safe: one attribute write)."""
         self.cancel_reason = reason
+        if self.on_cancel is not None:
+            self.on_cancel(reason)
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,41 @@ class EngineStats:
     model_errors: int = 0  # jobs failed because the model raised or answered the wrong thing
 
 
+class EngineClient(Protocol):
+    """What the HTTP side needs of one model's engine: `Engine` (in this process, a thread) and
+    `service.remote.RemoteEngine` (in the engine process, over a socket) both answer it.
+
+    Cancelling goes through the job: `job.cancel(reason)` drops its rows at the next pass, and
+    reaches the engine process when the engine is there (`Job.on_cancel`)."""
+
+    clock: Callable[[], float]
+
+    def reserve(self, rows: int) -> Callable[[], None]:
+        """Admit `rows` against the bounded queue (QueueFull past it); the returned function
+        gives them back."""
+        ...
+
+    async def run(self, job: Job) -> JobResult:
+        """Run `job` to its end: its result, or the engine's error (deadline, model failure,
+        engine gone)."""
+        ...
+
+    def health(self, stall_s: float) -> str | None:
+        """None while the engine works; else why not (it died, or stalled for `stall_s`)."""
+        ...
+
+    @property
+    def queued_rows(self) -> int: ...
+
+    @property
+    def queued_jobs(self) -> int: ...
+
+    @property
+    def stats(self) -> Any:
+        """The engine's own counters (`EngineStats`' fields)."""
+        ...
+
+
 class Engine:
     """Batches the integrations of one model. `run` is awaited from the event loop; all torch
     work happens on the engine's own thread.
@@ -163,6 +215,7 @@ class Engine:
         chunk_rows: int | None = None,
         single_thread_rows: int = 0,
         on_pass: Callable[[int], None] | None = None,
+        on_pass_jobs: Callable[[int], None] | None = None,
         on_drop: Callable[[str, int], None] | None = None,
         on_model_error: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -180,6 +233,7 @@ class Engine:
         self._threads = torch.get_num_threads()
         self.stats = EngineStats()
         self._on_pass = on_pass
+        self._on_pass_jobs = on_pass_jobs
         self._on_drop = on_drop
         self._on_model_error = on_model_error
         self.clock = clock
@@ -275,11 +329,8 @@ class Engine:
 
         return release
 
-    async def run(self, job: Job) -> JobResult:
-        """Integrate `job`; cancelling the awaiting task drops the job at the next pass.
-
-        The wait ends at the job's deadline whatever the engine thread does: the job is then
-        dropped at the engine's next pass, and DeadlineExceeded is raised here at once."""
+    def enqueue(self, job: Job) -> None:
+        """Queue `job` for the engine thread (the first half of `run`, which awaits it)."""
         loop = asyncio.get_running_loop()
         job._future = loop.create_future()
         # The engine may settle the future after this wait gave up on it (deadline, disconnect).
@@ -292,6 +343,17 @@ class Engine:
                 raise EngineStopped("the service is shutting down")
             self._pending.append(job)
             self._cond.notify()
+
+    async def run(self, job: Job) -> JobResult:
+        """Integrate `job`; cancelling the awaiting task drops the job at the next pass.
+
+        The wait ends at the job's deadline whatever the engine thread does: the job is then
+        dropped at the engine's next pass, and DeadlineExceeded is raised here at once."""
+        self.enqueue(job)
+        return await self.result(job)
+
+    async def result(self, job: Job) -> JobResult:
+        """The answer of a job `enqueue` queued (the second half of `run`)."""
         timeout = None if job.deadline is None else max(0.0, job.deadline - self.clock())
         try:
             return await asyncio.wait_for(asyncio.shield(job._future), timeout)
@@ -360,9 +422,11 @@ class Engine:
         if job.cancel_reason is not None:
             self._fail(job, Cancelled(job.cancel_reason), reason=job.cancel_reason)
             return
-        if not isinstance(job.z0, torch.Tensor):
+        if isinstance(job.z0, Draw):
+            device = self.model.device
+            generator = torch.Generator(device=device).manual_seed(job.z0.seed)
             try:
-                job.z0 = job.z0()
+                job.z0 = self.model.source.sample(job.z0.rows, generator, device)
             except Exception as exc:
                 self._fail(job, ModelFailed(f"drawing start points failed: {one_line(exc)}"))
                 return
@@ -435,9 +499,12 @@ class Engine:
         stats.passes += 1
         stats.rows_evaluated += rows
         stats.max_rows_in_pass = max(stats.max_rows_in_pass, rows)
-        stats.max_jobs_in_pass = max(stats.max_jobs_in_pass, len({u.job for u in selected}))
+        jobs = len({u.job for u in selected})
+        stats.max_jobs_in_pass = max(stats.max_jobs_in_pass, jobs)
         if self._on_pass is not None:
             self._on_pass(rows)
+        if self._on_pass_jobs is not None:
+            self._on_pass_jobs(jobs)
         finished = False
         for unit in selected:
             finished |= self._after_stage(unit)

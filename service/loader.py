@@ -25,6 +25,8 @@ from service.mixture import GaussianMixture
 
 log = logging.getLogger("flowserve.loader")
 
+CPU = torch.device("cpu")
+
 PROBE_ROWS = (5, 1)
 """Batch sizes every model is probed at first: a few rows (the messages quote this shape), one."""
 LARGE_PROBE_VALUES = 4099 * 2
@@ -55,6 +57,36 @@ class LoadedModel:
     @property
     def guidance_scale(self) -> float:
         """The default w of requests to this model (the manifest's, else 1)."""
+        return float(self.manifest.get("guidance_scale", 1.0))
+
+
+@dataclass(eq=False)
+class ModelInfo:
+    """What answering requests needs of a model without calling it: its manifest, source and
+    signature. The HTTP fronts of a separate engine process hold these (`service.remote`);
+    `LoadedModel` has the same attributes, and its field besides. Tensors a front builds stay on
+    `device`, the CPU: they cross to the engine process as bytes."""
+
+    name: str
+    dim: int
+    source: GaussianMixture
+    manifest: dict[str, Any]
+    signature: Signature
+    device: torch.device = CPU
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ModelInfo:
+        """From a manifest the engine process has already checked."""
+        return cls(
+            name=manifest["name"],
+            dim=manifest["dim"],
+            source=GaussianMixture.from_spec(manifest["source"]),
+            manifest=manifest,
+            signature=Signature.from_manifest(manifest),
+        )
+
+    @property
+    def guidance_scale(self) -> float:
         return float(self.manifest.get("guidance_scale", 1.0))
 
 

@@ -1,8 +1,17 @@
-"""Prometheus metrics, one registry per app so several apps can live in one process (tests)."""
+"""Prometheus metrics, one registry per app so several apps can live in one process (tests).
+
+With several processes (HTTP fronts and an engine process, `python -m service` with
+FLOW_ENGINE=process), PROMETHEUS_MULTIPROC_DIR is set before any of them starts: every process
+writes its values to files there, and /metrics, whichever front answers it, sums them all
+(prometheus_client's multiprocess mode).
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536, 262144)
@@ -32,11 +41,27 @@ class Metrics:
             buckets=ROW_BUCKETS,
             registry=r,
         )
+        # Set by the process that runs the engines: summed over live processes, that one.
+        self.pass_requests = Histogram(
+            "flowserve_forward_pass_requests",
+            "Requests whose rows shared a forward pass.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.queue_rows = Gauge(
-            "flowserve_queue_rows", "Rows admitted and not finished.", ["model"], registry=r
+            "flowserve_queue_rows",
+            "Rows admitted and not finished.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_requests = Gauge(
-            "flowserve_queue_requests", "Requests admitted and not finished.", ["model"], registry=r
+            "flowserve_queue_requests",
+            "Requests admitted and not finished.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.samples = Counter(
             "flowserve_samples",
@@ -77,4 +102,13 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        if shared():
+            every_process = CollectorRegistry()
+            MultiProcessCollector(every_process)
+            return generate_latest(every_process)
         return generate_latest(self.registry)
+
+
+def shared() -> bool:
+    """Whether every process of the service writes its metrics where each can read them all."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

@@ -109,6 +109,7 @@ class Registry:
             chunk_rows=settings.chunk_rows,
             single_thread_rows=settings.single_thread_rows,
             on_pass=self.metrics.pass_rows.labels(name).observe,
+            on_pass_jobs=self.metrics.pass_requests.labels(name).observe,
             on_drop=lambda reason, rows: self.metrics.rows_dropped.labels(name, reason).inc(rows),
             on_model_error=self.metrics.model_errors.labels(name).inc,
         )
@@ -161,10 +162,12 @@ class Registry:
         refused = f"; refused: {name}: {self.refused[name]}" if name in self.refused else ""
         return f"model: unknown model {name!r}; loaded: {known}{refused}"
 
-    def refresh_gauges(self) -> None:
-        for name, served in self.served.items():
-            self.metrics.queue_rows.labels(name).set(served.engine.queued_rows)
-            self.metrics.queue_requests.labels(name).set(served.engine.queued_jobs)
+    def refresh_gauges(self, served: Served | None = None) -> None:
+        """Set the queue gauges of `served`'s model, or of every model."""
+        for one in self.served.values() if served is None else [served]:
+            name = one.model.name
+            self.metrics.queue_rows.labels(name).set(one.engine.queued_rows)
+            self.metrics.queue_requests.labels(name).set(one.engine.queued_jobs)
 
     # ------------------------------------------------------------------ watchdog
 

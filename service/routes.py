@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -20,7 +21,9 @@ from service.encoding import (
     wants_png,
 )
 from service.errors import ModelNotFound, NotAcceptable, NotReady
+from service.metrics import shared as shared_metrics
 from service.registry import Registry
+from service.remote import RemoteRegistry
 from service.schemas import (
     EncodeRequest,
     EncodeResponse,
@@ -46,7 +49,7 @@ async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-RegistryDep = Annotated[Registry, Depends(get_registry)]
+RegistryDep = Annotated[Registry | RemoteRegistry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 AcceptHeader = Annotated[
     str | None,
@@ -126,13 +129,20 @@ def _disconnected(request: Request) -> sampling.Disconnected:
     return wait
 
 
+FRONT = str(os.getpid())
+"""This HTTP front's process id: with several fronts (FLOW_HTTP_WORKERS), which one answered."""
+
+
 def _headers(meta: dict[str, Any]) -> dict[str, str]:
-    """`X-Flow-*` headers of an answer's scalar fields: {"num_steps": 8} -> X-Flow-Num-Steps: 8."""
-    return {
+    """`X-Flow-*` headers of an answer's scalar fields: {"num_steps": 8} -> X-Flow-Num-Steps: 8;
+    and X-Flow-Front, the process that answered."""
+    headers = {
         "X-Flow-" + key.replace("_", "-").title(): str(value)
         for key, value in meta.items()
         if value is not None
     }
+    headers["X-Flow-Front"] = FRONT
+    return headers
 
 
 async def _encode(answer: sampling.Answer, accept: str | None) -> Response:
@@ -260,7 +270,10 @@ async def readyz(registry: RegistryDep) -> Response:
     body: dict[str, Any] = {"status": "ready", "models": sorted(registry.served)}
     if registry.refused:
         body["refused"] = dict(sorted(registry.refused.items()))
-    return json_response(body)
+    headers = {"X-Flow-Front": FRONT}
+    if isinstance(registry, RemoteRegistry):
+        headers["X-Flow-Engine-Pid"] = str(registry.status.get("pid"))
+    return json_response(body, headers)
 
 
 @router.get(
@@ -270,4 +283,7 @@ async def readyz(registry: RegistryDep) -> Response:
 )
 async def metrics(registry: RegistryDep) -> Response:
     registry.refresh_gauges()
-    return Response(registry.metrics.render(), media_type="text/plain; version=0.0.4")
+    text = registry.metrics.render()
+    if isinstance(registry, RemoteRegistry) and registry.ready and not shared_metrics():
+        text += await registry.engine_metrics()
+    return Response(text, media_type="text/plain; version=0.0.4")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from service.encoding import is_image_shape
-from service.engine import Divergence, Job, JobResult
+from service.engine import Divergence, Draw, EngineClient, Job, JobResult
 from service.errors import DeadlineExceeded, InvalidInput, LimitExceeded, ModelFailed
 from service.registry import Served
 from service.schemas import EncodeRequest, LogProbRequest, SampleRequest, TrajectoryRequest
@@ -288,10 +288,6 @@ def _shape_field(served: Served) -> dict[str, Any]:
     return {} if len(shape) == 1 else {"shape": list(shape)}
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _timeout(requested: float | None, settings: Settings) -> float:
     return min(requested or settings.request_timeout_s, settings.request_timeout_s)
 
@@ -310,7 +306,8 @@ async def execute(
 ) -> JobResult:
     """Admit `rows`, run the job (built in a worker thread when `build` is a function, for
     client-sent points); a caller that goes away cancels the job. Raises the engine's errors."""
-    release = served.engine.reserve(rows)
+    engine: EngineClient = served.engine  # a thread here, or the engine process
+    release = engine.reserve(rows)
     try:
         job = build if isinstance(build, Job) else await asyncio.to_thread(build)
         job.deadline = time.monotonic() + timeout_s
@@ -318,7 +315,7 @@ async def execute(
         if disconnected is not None:
             watcher = asyncio.ensure_future(_cancel_when(disconnected, job))
         try:
-            return await served.engine.run(job)
+            return await engine.run(job)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -369,16 +366,12 @@ async def sample(
         if req.x0 is not None
         else (req.seed if req.seed is not None else secrets.randbelow(2**63))
     )
-    device = served.model.device
-
-    def draw() -> torch.Tensor:
-        return served.model.source.sample(rows, _generator(seed, device), device)
 
     def build() -> Job:
         if req.x0 is not None:
             start: Any = _points(req.x0, served, "x0", settings.max_abs_input)
         else:
-            start = draw
+            start = Draw(seed, rows)
         return Job(
             z0=start,
             rows=rows,
@@ -546,10 +539,10 @@ async def log_prob(
         z0 = torch.cat([x, torch.zeros(req.rows, columns, device=device)], dim=1)
         eps = None
         if method == "hutchinson":
-            bits = torch.randint(
-                0, 2, (req.rows, probes, dim), generator=_generator(seed, device), device=device
-            )
-            eps = bits.to(torch.float32) * 2 - 1
+            # Drawn on the CPU whatever the device, so a seed means the same probes everywhere.
+            generator = torch.Generator().manual_seed(seed)
+            bits = torch.randint(0, 2, (req.rows, probes, dim), generator=generator)
+            eps = (bits.to(torch.float32) * 2 - 1).to(device)
         return Job(
             z0=z0,
             solver=req.solver,

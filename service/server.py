@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
+import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
+from service import engine_process
 from service.app import create_app
 from service.cli import OneLineParser, UsageError
 from service.devices import DEVICES, resolve_device
 from service.errors import describe_validation
 from service.loader import check_models_dir
+from service.process import keep_freed_memory
 from service.settings import Settings
+
+log = logging.getLogger("flowserve")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,33 +56,6 @@ def _give_up(reason: str) -> None:
     signal.raise_signal(signal.SIGTERM)
 
 
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest on 64-bit systems
-TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed blocks for reuse instead of handing them back to the OS.
-
-    Every forward pass allocates and frees activations of a few MB. By default glibc serves
-    those with fresh mappings or trims them off its heap at once (madvise), so each pass pays
-    page faults again: the 65,536 x 100 benchmark request took 3.8 s that way and 2.3 s with both
-    thresholds raised (either one alone is slower still, as setting one turns off glibc's
-    adaptive threshold). The price: up to TRIM_THRESHOLD_BYTES of freed memory stays resident.
-    Returns False where the C library is not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -99,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if settings.keep_freed_memory:
         keep_freed_memory()
+    if settings.engine == "process" and settings.engine_address is None:
+        return serve_with_engine_process(settings)
     uvicorn.run(
         create_app(settings, on_fatal=_give_up),
         host=settings.host,
@@ -108,6 +92,59 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 1 if FATAL else 0
+
+
+def serve_with_engine_process(settings: Settings) -> int:
+    """The engine process first, then the HTTP fronts (FLOW_HTTP_WORKERS) until SIGTERM, then
+    the engine process. When the engine process exits on its own, the fronts answer 503 at once
+    and shut down, and this returns 1: the supervisor starts the service afresh."""
+    workdir = Path(tempfile.mkdtemp(prefix="flowserve-"))
+    address = f"ipc://{workdir / 'engine.sock'}"
+    settings = settings.model_copy(update={"engine_address": address})
+    engine = engine_process.start(settings, address)
+    stopping = threading.Event()
+
+    def watch_engine() -> None:
+        engine.process.join()
+        if not stopping.is_set():
+            reason = f"the engine process exited with code {engine.process.exitcode}"
+            log.error("%s; stopping the service", reason)
+            _give_up(reason)
+
+    threading.Thread(target=watch_engine, name="engine-watch", daemon=True).start()
+    try:
+        if settings.http_workers == 1:
+            app: Any = create_app(settings, on_fatal=_give_up)
+        else:
+            export_settings(settings)  # the workers build their settings from the environment
+            app = "service.app:create_app"
+        uvicorn.run(
+            app,
+            factory=settings.http_workers > 1,
+            workers=settings.http_workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
+    finally:
+        stopping.set()
+        engine.stop()  # the fronts have answered what they held
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if FATAL else 0
+
+
+def export_settings(settings: Settings) -> None:
+    """Every setting into FLOW_* environment variables, as `Settings()` reads them back."""
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            os.environ.pop(f"FLOW_{name.upper()}", None)
+            continue
+        if name == "api_key":
+            value = settings.api_key.get_secret_value()
+        text = json.dumps(value) if isinstance(value, list | dict | bool) else str(value)
+        os.environ[f"FLOW_{name.upper()}"] = text
 
 
 if __name__ == "__main__":

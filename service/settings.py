@@ -114,6 +114,24 @@ class Settings(BaseSettings):
         "then list the refused ones); false: a refused model keeps /readyz at 503.",
     )
 
+    # Processes (python -m service).
+    engine: Literal["thread", "process"] = Field(
+        "process",
+        description="Where python -m service runs the engines: a process of their own, which "
+        "the HTTP fronts reach over a local socket, or a thread of the one process.",
+    )
+    http_workers: int = Field(
+        1,
+        ge=1,
+        description="HTTP front processes sharing the port (with FLOW_ENGINE=process): every "
+        "request of every front is batched with every other in the engine process.",
+    )
+    engine_address: str | None = Field(
+        None,
+        description="Internal: the engine process's socket, set by python -m service for its "
+        "fronts; an app given one serves through it instead of loading models.",
+    )
+
     # The engine watchdog (service.registry).
     engine_stall_s: float = Field(
         60.0,

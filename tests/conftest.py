@@ -198,20 +198,46 @@ def post_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+ENGINES = ["thread", "process"]
+"""Where the app's engines run: a thread of the app's process, or an engine process of their own
+(what `python -m service` starts by default) that the app reaches over a socket."""
+
+
 @contextlib.contextmanager
-def serving(models_dir: Path, **settings: object) -> Iterator[TestClient]:
-    """An in-process app (lifespan running) over `models_dir`, ready when the block starts."""
+def serving(models_dir: Path, engine: str = "thread", **settings: object) -> Iterator[TestClient]:
+    """An app (lifespan running) over `models_dir`, ready when the block starts; with engine
+    "process", its engines run in an engine process started here and stopped at the end."""
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(models_dir=models_dir, device="cpu", **settings))
-    with TestClient(app) as client:
+    config = Settings(models_dir=models_dir, device="cpu", **settings)
+    with contextlib.ExitStack() as stack:
+        if engine == "process":
+            config = stack.enter_context(engine_process(config))
+        app = create_app(config)
+        client = stack.enter_context(TestClient(app))
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while client.get("/readyz").status_code != 200:
             if time.monotonic() > deadline:
-                pytest.fail("in-process app not ready")
+                pytest.fail(f"app not ready: {client.get('/readyz').text}")
             time.sleep(0.02)
         yield client
+
+
+@contextlib.contextmanager
+def engine_process(settings):
+    """A running engine process for `settings`; yields the settings an app reaches it with."""
+    import tempfile
+
+    from service import engine_process as server
+
+    with tempfile.TemporaryDirectory(prefix="flowserve-engine-") as folder:
+        address = f"ipc://{folder}/engine.sock"
+        started = server.start(settings, address)
+        try:
+            yield settings.model_copy(update={"engine_address": address})
+        finally:
+            started.stop()
 
 
 def euler_reference(module, x0: torch.Tensor, num_steps: int) -> torch.Tensor:

@@ -153,7 +153,10 @@ def test_every_case_runs_against_a_real_server(tmp_path: Path) -> None:
         say=lambda line: None,
     )
     kinds = [f["name"].split(" ")[0] for f in results["figures"]]
-    assert kinds == ["agreement", "1.", "FLOP/s", "FLOP/s", "2.", "3.", "4.", "cpu:", "cpu:", "5."]
+    assert kinds == [
+        *("agreement", "1.", "FLOP/s", "FLOP/s", "2.", "3.", "L.", "L.", "4."),
+        *("cpu:", "cpu:", "5."),
+    ]
     for figure in results["figures"]:
         assert isinstance(figure["flowserve"], float) and math.isfinite(figure["flowserve"])
         assert isinstance(figure["baseline"], float) and math.isfinite(figure["baseline"])
@@ -161,4 +164,7 @@ def test_every_case_runs_against_a_real_server(tmp_path: Path) -> None:
         assert figure["name"] in results["table"]
     assert results["figures"][0]["passed"] is True  # the served numbers are the post's
     assert len(results["details"]["head_of_line"]["small_s"]) == TINY.hol_small_requests
+    # LitServe answered the same load, and the same samples for one seed.
+    litserve = results["details"]["litserve"]
+    assert litserve["litserve"]["ok"] > 0 and litserve["same_seed_max_abs_gap"] < 1e-4
     json.loads(json.dumps(results))

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, serving, write_model_dir
+from conftest import ENGINES, REPO_ROOT, serving, write_model_dir
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -159,9 +159,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def client(models_dir: Path):
-    with serving(models_dir) as test_client:
+@pytest.fixture(scope="module", params=ENGINES)
+def client(models_dir: Path, request: pytest.FixtureRequest):
+    with serving(models_dir, request.param) as test_client:
         yield test_client
 
 

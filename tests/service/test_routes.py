@@ -15,7 +15,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import euler_reference, serving, write_model_dir, write_module_dir, write_post_model
+from conftest import (
+    ENGINES,
+    euler_reference,
+    serving,
+    write_model_dir,
+    write_module_dir,
+    write_post_model,
+)
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import multivariate_normal
@@ -75,9 +82,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def client(models_dir: Path) -> Iterator[TestClient]:
-    with serving(models_dir, default_model="tiny", **LIMITS) as test_client:
+@pytest.fixture(scope="module", params=ENGINES)
+def client(models_dir: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """The app, its engines in a thread or in an engine process: the same suite for both."""
+    with serving(models_dir, request.param, default_model="tiny", **LIMITS) as test_client:
         yield test_client
 
 
@@ -503,6 +511,8 @@ def test_an_unknown_model_is_404(client: TestClient, path: str) -> None:
 
 
 def test_a_full_queue_is_503_with_retry_after(client: TestClient) -> None:
+    if client.app.state.settings.engine_address:
+        pytest.skip("the queue is the engine process's: test_engine_process fills it there")
     engine = client.app.state.registry.served["tiny"].engine
     release = engine.reserve(LIMITS["max_queue_rows"] - 1)
     try:

@@ -6,7 +6,8 @@ import platform
 
 import pytest
 
-from service.server import keep_freed_memory, main
+from service.process import keep_freed_memory
+from service.server import main
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -1,0 +1,227 @@
+"""The engine process: every model's engine in a process of its own, behind a ZeroMQ socket.
+
+`python -m service` with FLOW_ENGINE=process starts this process first, then the HTTP fronts
+(FLOW_HTTP_WORKERS of them), which reach it through `service.remote`. It loads the models as the
+in-process service does (`service.registry`: checks, refusals, warm-up, the engine watchdog), so
+every request of every front is batched with every other at step level, and its Python shares no
+interpreter lock with the fronts' HTTP work.
+
+Messages (`service.ipc`): "submit" a job (admitted against the bounded queue of its model's
+engine, or refused with its error), "cancel" one (the client went away, or its deadline passed),
+"status" (readiness, each model's queue, health and counters, and once the manifests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import zmq
+
+from service import ipc
+from service.errors import ModelFailed, ServiceError, one_line
+from service.metrics import Metrics
+from service.process import keep_freed_memory
+from service.registry import Registry
+from service.settings import Settings
+
+log = logging.getLogger("flowserve.engine_process")
+
+
+class EngineServer:
+    """The models' engines and the socket they answer on."""
+
+    def __init__(self, settings: Settings, address: str):
+        self.settings = settings
+        self.address = address
+        self.registry = Registry(settings, Metrics(), on_fatal=self._fatal)
+        self.exit_code = 0
+        self.stopping: asyncio.Event | None = None
+        self.jobs: dict[tuple[bytes, int], Any] = {}
+        self.running: set[asyncio.Task] = set()  # held here: the loop keeps only weak references
+        self.channel: ipc.Channel | None = None
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        self.stopping = stopping
+        context = zmq.Context()
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(self.address)
+        self.channel = ipc.Channel(socket, self._receive)
+        loading = asyncio.create_task(asyncio.to_thread(self.registry.load))
+        background = [asyncio.create_task(self._after_loading(loading))]
+        try:
+            await stopping.wait()
+        finally:
+            self.registry.closed = True
+            for task in background:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await loading
+            self.registry.close()
+            self.channel.close()
+            context.term()
+
+    def _fatal(self, reason: str) -> None:
+        """The watchdog gave up on an engine: exit 1; `python -m service` then does the same."""
+        self.exit_code = 1
+        if self.stopping is not None:
+            self.stopping.set()
+
+    async def _after_loading(self, loading: asyncio.Task) -> None:
+        try:
+            await loading
+        except Exception as exc:
+            self.registry.fatal = f"model loading failed: {one_line(exc)}"
+            log.error("%s", self.registry.fatal)
+            return
+        await self.registry.watch()
+
+    def _receive(self, message: list) -> None:
+        identity, *frames = message
+        header, tensors = ipc.decode(frames)
+        op = header["op"]
+        if op == "submit":
+            task = asyncio.ensure_future(self._submit(identity.bytes, header, tensors))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+        elif op == "cancel":
+            job = self.jobs.get((identity.bytes, header["id"]))
+            if job is not None:
+                job.cancel(header.get("reason", "cancelled"))
+        elif op == "status":
+            self._send(identity.bytes, ipc.encode(self.status(header)))
+        elif op == "metrics":  # for a front whose process does not share metric files
+            text = self.registry.metrics.render().decode()
+            reply = {"op": "metrics", "id": header["id"], "text": text}
+            self._send(identity.bytes, ipc.encode(reply))
+
+    def _send(self, identity: bytes, frames: list) -> None:
+        self.channel.send([identity, *frames])
+
+    async def _submit(self, identity: bytes, header: dict, tensors: dict) -> None:
+        key = (identity, header["id"])
+        try:
+            served = self.registry.get(header["model"])
+            job = ipc.read_job(header, tensors, served.model.device)
+            release = served.engine.reserve(job.rows)
+            try:
+                if header["timeout_s"] is not None:
+                    job.deadline = served.engine.clock() + header["timeout_s"]
+                self.jobs[key] = job
+                served.engine.enqueue(job)
+                self.registry.refresh_gauges(served)  # the queue gauges are this process's
+                result = await served.engine.result(job)
+            finally:
+                self.jobs.pop(key, None)
+                release()
+                self.registry.refresh_gauges(served)  # before the answer: /metrics agrees
+            reply = ipc.result_message(header["id"], result)
+        except ServiceError as exc:
+            reply = ipc.error_message(header["id"], exc)
+        except Exception as exc:  # a fault of this process: the request fails, the process goes on
+            log.exception("engine process: job %s failed", header["id"])
+            reply = ipc.error_message(header["id"], ModelFailed(one_line(exc)))
+        self._send(identity, reply)
+
+    def status(self, request: dict) -> dict[str, Any]:
+        registry = self.registry
+        models = {}
+        for name, served in registry.served.items():
+            engine, stats = served.engine, served.engine.stats
+            models[name] = {
+                "queued_rows": engine.queued_rows,
+                "queued_jobs": engine.queued_jobs,
+                "health": engine.health(self.settings.engine_stall_s),
+                "stats": {
+                    "passes": stats.passes,
+                    "max_jobs_in_pass": stats.max_jobs_in_pass,
+                    "jobs_done": stats.jobs_done,
+                },
+            }
+            if request.get("manifests"):
+                models[name]["manifest"] = served.model.manifest
+        return {
+            "op": "status",
+            "id": request.get("id"),
+            "pid": os.getpid(),
+            "ready": registry.ready,
+            "not_ready": registry.not_ready(),
+            "fatal": registry.fatal,
+            "default": registry.default,
+            "refused": registry.refused,
+            "models": models,
+        }
+
+
+@dataclass
+class Started:
+    """An engine process and the write end of its lifeline (see `start`)."""
+
+    process: multiprocessing.process.BaseProcess
+    lifeline: Connection
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let go of the lifeline (the engine process stops: what waits in it fails), wait for
+        it to exit, and kill it if it has not within `timeout` seconds."""
+        self.lifeline.close()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def start(settings: Settings, address: str) -> Started:
+    """Start an engine process serving `settings`' models on `address`.
+
+    It stops when the returned lifeline is closed, by `Started.stop` or because this process
+    died (the kernel closes it then, even after SIGKILL): an engine process never outlives its
+    service. It ignores SIGTERM and SIGINT, which a supervisor or a terminal may send to the
+    whole process group: the service stops it once its fronts have answered what they hold."""
+    context = multiprocessing.get_context("spawn")
+    reader, writer = context.Pipe(duplex=False)
+    process = context.Process(
+        target=run, args=(settings.model_dump_json(), address, reader), name="flowserve-engine"
+    )
+    process.start()
+    reader.close()  # the child holds it now; this process keeps only the write end
+    return Started(process, writer)
+
+
+def run(settings_json: str, address: str, lifeline: Connection) -> None:
+    """The process's entry (multiprocessing, spawn): serve until the lifeline closes."""
+    settings = Settings.model_validate_json(settings_json)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.keep_freed_memory:
+        keep_freed_memory()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_grad_enabled(False)
+
+    async def main() -> int:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def let_go() -> None:
+            loop.remove_reader(lifeline.fileno())
+            log.info("engine process: the service let go of it (it stopped, or died); stopping")
+            stopping.set()
+
+        loop.add_reader(lifeline.fileno(), let_go)
+        server = EngineServer(settings, address)
+        await server.serve(stopping)
+        return server.exit_code
+
+    sys.exit(asyncio.run(main()))
