@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -120,7 +121,12 @@ def running(
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
     with log.open("ab") as out:
         process = subprocess.Popen(
-            list(command), cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
+            list(command),
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: whatever it spawns is stopped with it
         )
     server = Server(url, process, log)
     try:
@@ -138,13 +144,21 @@ def running(
             time.sleep(0.2)
         yield server
     finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to `process`'s group, SIGKILL after 20 s; then SIGKILL to whatever of the group
+    outlived it (LitServe's inference workers do not follow their server out)."""
+    with contextlib.suppress(ProcessLookupError):
         if process.poll() is None:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def rss_bytes(pid: int) -> dict[str, int]:

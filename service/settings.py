@@ -116,9 +116,9 @@ class Settings(BaseSettings):
 
     # Processes (python -m service).
     engine: Literal["thread", "process"] = Field(
-        "process",
-        description="Where python -m service runs the engines: a process of their own, which "
-        "the HTTP fronts reach over a local socket, or a thread of the one process.",
+        "thread",
+        description="Where python -m service runs the engines: a thread of the one process, or "
+        "a process of their own, which the HTTP fronts reach over a local socket.",
     )
     http_workers: int = Field(
         1,
@@ -163,6 +163,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_samples ({self.max_samples}) must not exceed max_queue_rows "
                 f"({self.max_queue_rows}): a request that large could never be admitted"
+            )
+        if self.http_workers > 1 and self.engine != "process":
+            raise ValueError(
+                f"http_workers: {self.http_workers} fronts need FLOW_ENGINE=process (fronts with "
+                "an engine each would not batch each other's requests)"
             )
         if self.api_key is not None and not self.api_keys():
             raise ValueError(

@@ -1,4 +1,4 @@
-"""The engine in a process of its own (FLOW_ENGINE=process, what `python -m service` runs): real
+"""The engine in a process of its own (FLOW_ENGINE=process): real
 server processes, several HTTP fronts, and the engine process killed under load.
 
 The API suite itself runs against both kinds of engine (the `ENGINES` parametrisation of
@@ -48,6 +48,7 @@ def child_env(**settings: str) -> dict[str, str]:
         "FLOW_DEVICE": "cpu",
         "FLOW_LOG_LEVEL": "info",
         "FLOW_WARMUP_PASSES": "0",
+        "FLOW_ENGINE": "process",
         **settings,
     }
 

@@ -26,3 +26,16 @@ def test_an_unknown_flag_value_exits_2_with_one_line(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "argument --device: invalid choice: 'tpu'" in err
+
+
+def test_several_fronts_without_an_engine_process_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLOW_HTTP_WORKERS", "2")
+    monkeypatch.setenv("FLOW_ENGINE", "thread")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "flowserve: error: http_workers: 2 fronts need FLOW_ENGINE=process (fronts with an "
+        "engine each would not batch each other's requests)\n"
+    )
