@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import playground
 from service.encoding import json_response
 from service.errors import (
     ServiceError,
@@ -101,6 +102,10 @@ def create_app(
         app = FastAPI(**options, docs_url=None, openapi_url=None)
     app.state.settings = settings
     app.include_router(router)
+    open_paths = OPEN_DOCS
+    if settings.playground:
+        app.include_router(playground.router)
+        open_paths = open_paths | playground.OPEN_PATHS
     keys = settings.api_keys()
     if keys:
         _declare_bearer_auth(app)
@@ -109,10 +114,13 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # The docs are open (a browser cannot send a bearer key to load a page); the calls made from
     # them carry the key given to Authorize.
+    # So is the playground page; the calls it makes carry the key typed into it.
     app.add_middleware(
-        BearerAuth, keys=keys, open_paths=OPEN_DOCS, open_prefixes=(DOCS_ASSETS + "/",)
+        BearerAuth, keys=keys, open_paths=open_paths, open_prefixes=(DOCS_ASSETS + "/",)
     )
     endpoints = frozenset(route.path for route in router.routes) | {"/docs", "/openapi.json"}
+    if settings.playground:
+        endpoints |= playground.OPEN_PATHS
     app.add_middleware(AccessLog, metrics=metrics, endpoints=endpoints)
     return app
 

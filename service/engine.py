@@ -95,6 +95,8 @@ class Job:
     condition: (n, width) float32, the condition of every row as the field reads it (a class
     index, or a vector; an expanded view is fine), or None for an unconditional model.
     guidance: the scale w of classifier-free guidance, or None for the field itself (w = 1).
+    velocity: the job asks for the field, not a path: z0 is [x, 0] (n, 2 dim), and one Euler
+    step of length 1 leaves x in place and writes v(t0, x) into the zeros, exactly.
     """
 
     z0: torch.Tensor | Draw
@@ -108,6 +110,7 @@ class Job:
     deadline: float | None = None
     condition: torch.Tensor | None = None
     guidance: float | None = None
+    velocity: bool = False
 
     # Given with a Draw, else read off z0. The engine lets go of z0 once it is in a lane.
     rows: int = 0
@@ -399,7 +402,7 @@ class Engine:
     def _lane(self, job: Job) -> Lane:
         condition_width = 0 if job.condition is None else int(job.condition.shape[1])
         guided = job.guidance is not None
-        key = (job.solver, job.width, job.divergence, condition_width, guided)
+        key = (job.solver, job.width, job.divergence, condition_width, guided, job.velocity)
         lane = self._lanes.get(key)
         if lane is None:
             tableau = get_solver(job.solver)
@@ -412,7 +415,7 @@ class Engine:
                 tableau,
                 layout,
                 self.model.device,
-                self._slope(layout, divergence),
+                self._slope(layout, divergence, job.velocity),
                 evaluations=2 if guided else 1,
             )
             self._lanes[key] = lane
@@ -583,10 +586,19 @@ class Engine:
         for first in range(0, block.shape[0], chunk):
             lane.advance(block[first : first + chunk])
 
-    def _slope(self, layout: Layout, divergence: Divergence | None) -> Slope:
+    def _slope(self, layout: Layout, divergence: Divergence | None, velocity: bool) -> Slope:
         field = self.model.field
         evaluate = field.evaluate
         c, w = layout.c, layout.w
+        if velocity:  # state [x, v]: x stays, v = 0 + 1 * v(t, x)
+            dim = self.model.dim
+
+            def recording(t, y, block):
+                x = y[:, :dim]
+                v = evaluate(t, x) if c is None else evaluate(t, x, block[:, c], _scale(block, w))
+                return torch.cat([torch.zeros_like(x), v], dim=1)
+
+            return recording
         if divergence is None:
             if c is None:  # unconditional: the hot path, one call
                 return lambda t, y, _block: evaluate(t, y)
@@ -722,3 +734,8 @@ def _device_fault(exc: BaseException) -> bool:
     if accelerator is not None and isinstance(exc, accelerator):
         return True
     return "CUDA error" in one_line(exc)
+
+
+def _scale(block: torch.Tensor, w: slice | None) -> torch.Tensor | None:
+    """The guidance column of a lane block, or None for an unguided lane."""
+    return None if w is None else block[:, w]

@@ -108,6 +108,7 @@ def job_message(job: Job, model: str, job_id: int, timeout_s: float | None) -> l
         if job.divergence is None
         else {"method": job.divergence.method, "probes": job.divergence.probes},
         "guidance": job.guidance,
+        "velocity": job.velocity,
         "timeout_s": timeout_s,
         "rows": job.rows,
         "width": job.width,
@@ -144,6 +145,7 @@ def read_job(header: dict[str, Any], tensors: dict[str, torch.Tensor], device) -
         probes=move("probes"),
         condition=move("condition"),
         guidance=header["guidance"],
+        velocity=header["velocity"],
         rows=header["rows"],
         width=header["width"],
     )

@@ -180,16 +180,23 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-NPY_FIELDS = {"/sample": "x0", "/trajectory": "x0", "/encode": "x", "/log_prob": "x"}
+NPY_FIELDS = {
+    "/sample": "x0",
+    "/trajectory": "x0",
+    "/encode": "x",
+    "/log_prob": "x",
+    "/velocity": "x",
+}
 """The field an .npy body fills, by path."""
 HEADER_PREFIX = b"x-flow-"
 
 
 class NpyBody:
     """POST bodies sent as `.npy` (`Content-Type: application/x-npy`): the array is the points
-    field (`x0` of /sample and /trajectory, `x` of /encode and /log_prob), of shape (n, dim) or
-    (n, *shape), and every other field comes as an `X-Flow-<Field>` header whose value is JSON or
-    a bare string (`X-Flow-Num-Steps: 8`, `X-Flow-Solver: rk4`, `X-Flow-Labels: [0, 1]`).
+    field (`x0` of /sample and /trajectory, `x` of /encode, /log_prob and /velocity), of shape
+    (n, dim) or (n, *shape), and every other field comes as an `X-Flow-<Field>` header whose
+    value is JSON or a bare string (`X-Flow-Num-Steps: 8`, `X-Flow-Solver: rk4`,
+    `X-Flow-Labels: [0, 1]`).
 
     The request then goes on as JSON holding those fields; the array itself skips the float-by-
     float JSON validation (it is checked here: numbers, finite) and reaches the route decoded.

@@ -36,6 +36,8 @@ from service.schemas import (
     SampleResponse,
     TrajectoryRequest,
     TrajectoryResponse,
+    VelocityRequest,
+    VelocityResponse,
 )
 from service.settings import Settings
 
@@ -103,7 +105,7 @@ INLINE_ENCODE_BYTES = 64 * 1024
 
 async def _answer(
     verb: Callable[..., Awaitable[sampling.Answer]],
-    req: SampleRequest | EncodeRequest,
+    req: SampleRequest | EncodeRequest | VelocityRequest,
     request: Request,
     registry: Registry,
     settings: Settings,
@@ -114,8 +116,8 @@ async def _answer(
     request.state.log_fields = {
         "model": served.model.name,
         "num_samples": req.rows,
-        "num_steps": req.num_steps,
-        "solver": req.solver,
+        "num_steps": getattr(req, "num_steps", None),  # /velocity has neither
+        "solver": getattr(req, "solver", None),
     }
     return await _encode(await verb(served, req, settings, _disconnected(request)), accept)
 
@@ -217,6 +219,23 @@ async def encode(
     accept: AcceptHeader = None,
 ) -> Response:
     return await _answer(sampling.encode, req, request, registry, settings, accept)
+
+
+@router.post(
+    "/velocity",
+    response_model=VelocityResponse,
+    responses={**ERRORS, **_npy_doc("float32 (n, *shape): v(t, x) at each point")},
+    openapi_extra=NPY_BODY,
+    summary="The velocity field v(t, x) at given points (v_w with classifier-free guidance).",
+)
+async def velocity(
+    req: VelocityRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    return await _answer(sampling.velocity, req, request, registry, settings, accept)
 
 
 @router.post(

@@ -23,7 +23,13 @@ from service.encoding import is_image_shape
 from service.engine import Divergence, Draw, EngineClient, Job, JobResult
 from service.errors import DeadlineExceeded, InvalidInput, LimitExceeded, ModelFailed
 from service.registry import Served
-from service.schemas import EncodeRequest, LogProbRequest, SampleRequest, TrajectoryRequest
+from service.schemas import (
+    EncodeRequest,
+    LogProbRequest,
+    SampleRequest,
+    TrajectoryRequest,
+    VelocityRequest,
+)
 from service.settings import Settings
 from service.solvers import get_solver, kept_steps
 
@@ -480,6 +486,49 @@ async def encode(
         **_scalar_echo(conditioning),
     }
     return Answer(body, latents, meta)
+
+
+async def velocity(
+    served: Served,
+    req: VelocityRequest,
+    settings: Settings,
+    disconnected: Disconnected | None = None,
+) -> Answer:
+    """POST /velocity: the field v(t, x) at the given points (v_w with guidance), in one pass
+    that shares the engine with every other request."""
+    conditioning = _conditioning(served, req, req.rows, settings)
+    nfe = _check_common(req.rows, 1, "euler", settings, "x", conditioning.evaluations)
+    _check_width(req.x, served, "x")
+
+    def build() -> Job:
+        x = _points(req.x, served, "x", settings.max_abs_input)
+        return Job(
+            z0=torch.cat([x, torch.zeros_like(x)], dim=1),
+            solver="euler",
+            num_steps=1,
+            t0=req.t,
+            t1=req.t + 1.0,  # one step of length 1 from t: the zeros become v(t, x)
+            condition=conditioning.build(),
+            guidance=conditioning.guidance,
+            velocity=True,
+        )
+
+    timeout = _timeout(req.timeout_s, settings)
+    result = await execute(served, req.rows, build, timeout, disconnected)
+    _check_finite(served, result)
+    v = _shaped(served, result.final[:, served.model.dim :].numpy())
+    body = {
+        "model": served.model.name,
+        "num_samples": req.rows,
+        "dim": served.model.dim,
+        "t": req.t,
+        "nfe": nfe,
+        **_shape_field(served),
+        **conditioning.answer_fields(),
+        "velocity": v,
+    }
+    meta = {"model": served.model.name, "t": req.t, "nfe": nfe, **_scalar_echo(conditioning)}
+    return Answer(body, v, meta)
 
 
 async def log_prob(

@@ -313,6 +313,31 @@ class EncodeRequest(_Conditioned):
         return len(self.x)
 
 
+class VelocityRequest(_Conditioned):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "four-gaussians", "t": 0.5, "x": [[0.0, 0.0], [2.0, 2.0]]},
+                {"model": "digits", "t": 0.9, "x": [[0.0] * 64], "labels": 3},
+            ]
+        }
+    )
+
+    model: ModelField = None
+    t: float = Field(ge=0.0, le=1.0, description="The time at which the field is evaluated.")
+    x: Points = Field(description="Points (n, dim) at which the field is evaluated.")
+    timeout_s: TimeoutField = None
+
+    @model_validator(mode="after")
+    def _check(self) -> VelocityRequest:
+        _check_rows(self.x, "x")
+        return self
+
+    @property
+    def rows(self) -> int:
+        return len(self.x)
+
+
 class LogProbRequest(EncodeRequest):
     model_config = ConfigDict(
         json_schema_extra={
@@ -392,6 +417,19 @@ class TrajectoryResponse(_Seeded):
 
 class EncodeResponse(_Answer):
     latents: list[Any] = Field(description="(n, *shape), nested.")
+
+
+class VelocityResponse(BaseModel):
+    model: str
+    num_samples: int
+    dim: int
+    t: float
+    nfe: int = Field(description="Network evaluations per point: 1, or 2 with guidance (w != 1).")
+    shape: list[int] | None = None
+    labels: list[int] | None = None
+    condition: list[float] | list[list[float]] | None = None
+    guidance_scale: float | None = None
+    velocity: list[Any] = Field(description="(n, *shape): v(t, x) at each point, nested.")
 
 
 class LogProbResponse(_Answer):

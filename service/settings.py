@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         "then list the refused ones); false: a refused model keeps /readyz at 503.",
     )
 
+    playground: bool = Field(
+        True,
+        description="Serve /playground, a page that draws what the models do from this "
+        "server's API; open like /docs (it holds no secret), its calls carry the key typed in.",
+    )
+
     # Processes (python -m service).
     engine: Literal["thread", "process"] = Field(
         "thread",

@@ -478,7 +478,7 @@ def test_the_conditional_openapi_examples_are_answered(client: TestClient) -> No
     spec = client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
     tried = 0
-    for path in ("/sample", "/trajectory", "/encode", "/log_prob"):
+    for path in ("/sample", "/trajectory", "/encode", "/log_prob", "/velocity"):
         content = spec["paths"][path]["post"]["requestBody"]["content"]
         ref = content["application/json"]["schema"]["$ref"]
         assert "application/x-npy" in content
@@ -488,4 +488,71 @@ def test_the_conditional_openapi_examples_are_answered(client: TestClient) -> No
             response = client.post(path, json={**example, "model": "ten-digits"})
             assert response.status_code == 200, (path, response.text)
             tried += 1
-    assert tried == 4
+    assert tried == 5
+
+
+@pytest.mark.parametrize("w", [1.0, 2.0, 0.0])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_velocity_is_the_guided_field_of_the_file(
+    client: TestClient, models_dir: Path, w: float, t: float
+) -> None:
+    labels = [0, 1, 2, 1]
+    body = {"model": "cls", "t": t, "x": X0, "labels": labels, "guidance_scale": w}
+    answer = client.post("/velocity", json=body)
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert (data["t"], data["nfe"], data["labels"], data["guidance_scale"]) == (
+        t,
+        1 if w == 1 else 2,
+        labels,
+        w,
+    )
+    module = module_of(models_dir, "cls")
+    x, column = torch.tensor(X0), torch.full((4, 1), t)
+    with torch.no_grad():
+        conditional = module(column, x, torch.tensor(labels))
+        unconditional = module(column, x, torch.full((4,), NULL))
+    expected = unconditional + w * (conditional - unconditional)
+    np.testing.assert_allclose(data["velocity"], expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_velocity_of_an_unconditional_and_of_an_image_model(
+    client: TestClient, models_dir: Path
+) -> None:
+    # Large coordinates with a small field: the answer is v itself, not (x + v) - x.
+    x = [[1000.0, -2000.0], [1e-3, 3.0]]
+    tiny = client.post("/velocity", json={"model": "tiny", "t": 0.5, "x": x}).json()
+    np.testing.assert_allclose(tiny["velocity"], 0.5 * np.array(x), rtol=1e-7)
+    assert (tiny["nfe"], tiny["num_samples"], tiny["dim"]) == (1, 2, 2)
+    x0 = np.random.default_rng(3).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, x0)
+    npy = client.post(
+        "/velocity",
+        content=buffer.getvalue(),
+        headers={
+            "Content-Type": "application/x-npy",
+            "Accept": "application/x-npy",
+            "X-Flow-Model": "img",
+            "X-Flow-T": "0.25",
+        },
+    )
+    assert npy.status_code == 200, npy.text
+    assert (npy.headers["x-flow-t"], npy.headers["x-flow-nfe"]) == ("0.25", "1")
+    expected = -x0 * np.array([0.5, 1.0, 1.5]).reshape(1, 3, 1, 1) + 0.25
+    np.testing.assert_allclose(np.load(io.BytesIO(npy.content)), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"t": 1.5, "x": [[0.0, 0.0]]}, "t: Input should be less than or equal to 1"),
+        ({"x": [[0.0, 0.0]]}, "t: Field required"),
+        ({"t": 0.5, "x": [[0.0, 0.0, 0.0]]}, "x: points have 3 coordinates; model tiny has dim 2"),
+        ({"t": 0.5, "x": []}, "x: "),
+    ],
+)
+def test_velocity_errors_are_422s_naming_the_field(client: TestClient, body: dict, detail: str):
+    answer = client.post("/velocity", json={"model": "tiny", **body})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith(detail), answer.json()["detail"]
