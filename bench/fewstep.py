@@ -1,6 +1,6 @@
 """Few-step quality of the bundled Gaussian-mixture models, measured apart from their training.
 
-    python -m bench.fewstep [--models four-gaussians four-gaussians-ot four-gaussians-fast]
+    python -m bench.fewstep [--models four-gaussians four-gaussians-ot four-gaussians-wide ...]
                             [--points 20000] [--seeds 0 1 2] [--steps 1 2 4 100]
 
 Each model is loaded as the service loads it (its served graph) and integrated with Euler from
@@ -33,7 +33,7 @@ from training.datasets import MixtureTarget
 from training.metrics import chunked_w2, mode_stats, off_mode_share, w2_floor
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-MODELS = ("four-gaussians", "four-gaussians-ot", "four-gaussians-fast")
+MODELS = ("four-gaussians", "four-gaussians-ot", "four-gaussians-wide", "four-gaussians-fast")
 CHUNK = 2000
 EVAL_SEED = 7_000
 

@@ -1,5 +1,6 @@
 """The bundled few-step model, models/four-gaussians-fast: trained by its config from the bundled
-teacher, and its 1- and 2-step samples on the modes, counted afresh through the service."""
+teacher (models/four-gaussians-wide), and its 1- and 2-step samples on the modes, counted afresh
+through the service."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def manifest() -> dict:
 def test_it_was_trained_by_the_bundled_config_from_the_bundled_teacher() -> None:
     config = load_config(CONFIG)
     assert manifest()["config"] == config.to_dict()
-    assert config.teacher.location.resolve() == REPO_ROOT / "models" / "four-gaussians"
+    assert config.teacher.location.resolve() == REPO_ROOT / "models" / "four-gaussians-wide"
     load_teacher(config)  # there, intact (sha256), of the same dimension and source
 
 
@@ -54,6 +55,6 @@ def test_one_and_two_steps_land_on_the_modes(tmp_path: Path) -> None:
             off = off_mode_share(samples, target)
             # The target itself puts 1.0% outside the ellipses.
             assert off <= {1: 0.03, 2: 0.02}[steps], (steps, off)
-    # Where its teacher's ODE puts them (0.244-0.255), at either step count.
+    # Each mode's share within 0.01 of its weight, at either step count.
     for steps, row in shares.items():
-        assert min(row) >= 0.24 and max(row) <= 0.26, (steps, row)
+        assert abs(min(row) - 0.25) <= 0.01 and abs(max(row) - 0.25) <= 0.01, (steps, row)
