@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,7 +47,39 @@ class Served:
     restarts: deque[float] = field(default_factory=deque)
 
 
-class Registry:
+class ModelLookup:
+    """Finding a served model by name, for `Registry` and `service.remote.RemoteRegistry`: both
+    keep `served`, `refused`, `default`, `ready` and `fatal`."""
+
+    served: dict[str, Any]
+    refused: dict[str, str]
+    default: str | None
+    ready: bool
+    fatal: str | None
+
+    def get(self, name: str | None) -> Any:
+        """The served model `name` (None: the default one); NotReady or ModelNotFound."""
+        if not self.ready:
+            raise NotReady("not ready: models are loading")
+        if self.fatal is not None:
+            raise NotReady(f"not ready: {self.fatal}")
+        if name is None:
+            if self.default is None:
+                raise ModelNotFound("model: no model is loaded")
+            name = self.default
+        served = self.served.get(name)
+        if served is None:
+            raise ModelNotFound(self.unknown(name))
+        return served
+
+    def unknown(self, name: str) -> str:
+        """The one message of a 404 for a model name."""
+        known = ", ".join(sorted(self.served)) or "none"
+        refused = f"; refused: {name}: {self.refused[name]}" if name in self.refused else ""
+        return f"model: unknown model {name!r}; loaded: {known}{refused}"
+
+
+class Registry(ModelLookup):
     """Holds the served models; `ready` turns True once every model folder is loaded and warm."""
 
     def __init__(
@@ -141,26 +174,6 @@ class Registry:
             if served.recovering is not None:
                 return f"not ready: model {name} is recovering: {served.recovering}"
         return None
-
-    def get(self, name: str | None) -> Served:
-        if not self.ready:
-            raise NotReady("not ready: models are loading")
-        if self.fatal is not None:
-            raise NotReady(f"not ready: {self.fatal}")
-        if name is None:
-            if self.default is None:
-                raise ModelNotFound("model: no model is loaded")
-            name = self.default
-        served = self.served.get(name)
-        if served is None:
-            raise ModelNotFound(self.unknown(name))
-        return served
-
-    def unknown(self, name: str) -> str:
-        """The one message of a 404 for a model name."""
-        known = ", ".join(sorted(self.served)) or "none"
-        refused = f"; refused: {name}: {self.refused[name]}" if name in self.refused else ""
-        return f"model: unknown model {name!r}; loaded: {known}{refused}"
 
     def refresh_gauges(self, served: Served | None = None) -> None:
         """Set the queue gauges of `served`'s model, or of every model."""

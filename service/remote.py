@@ -25,9 +25,10 @@ import zmq
 
 from service import ipc
 from service.engine import Job, JobResult
-from service.errors import DeadlineExceeded, EngineFailed, ModelNotFound, NotReady
+from service.errors import DeadlineExceeded, EngineFailed
 from service.loader import ModelInfo
 from service.metrics import Metrics
+from service.registry import ModelLookup
 from service.settings import Settings
 
 log = logging.getLogger("flowserve.remote")
@@ -181,7 +182,7 @@ class RemoteServed:
 
 
 @dataclass(eq=False)
-class RemoteRegistry:
+class RemoteRegistry(ModelLookup):
     """`service.registry.Registry`'s interface, answered from the engine process's status."""
 
     settings: Settings
@@ -269,25 +270,6 @@ class RemoteRegistry:
         if not self.ready:
             return "not ready: models are loading"
         return self.status.get("not_ready")
-
-    def get(self, name: str | None) -> RemoteServed:
-        if not self.ready:
-            raise NotReady("not ready: models are loading")
-        if self.fatal is not None:
-            raise NotReady(f"not ready: {self.fatal}")
-        if name is None:
-            if self.default is None:
-                raise ModelNotFound("model: no model is loaded")
-            name = self.default
-        served = self.served.get(name)
-        if served is None:
-            raise ModelNotFound(self.unknown(name))
-        return served
-
-    def unknown(self, name: str) -> str:
-        known = ", ".join(sorted(self.served)) or "none"
-        refused = f"; refused: {name}: {self.refused[name]}" if name in self.refused else ""
-        return f"model: unknown model {name!r}; loaded: {known}{refused}"
 
     def refresh_gauges(self) -> None:
         """The engine process sets the queue gauges itself."""

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 from collections.abc import Iterator
 
 import pytest
-from conftest import REPO_ROOT, free_port, service_command, wait_ready
+from conftest import REPO_ROOT, free_port, running_server, service_command
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 expect = sync_api.expect
@@ -33,24 +31,10 @@ VIEWPORTS = {"desktop": {"width": 1280, "height": 720}, "phone": {"width": 390, 
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("playground") / "server.log"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
-    env.update(FLOW_API_KEY=KEY, FLOW_WARMUP_PASSES="0", FLOW_DEVICE="cpu")
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            service_command(REPO_ROOT / "models", port),
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    address = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(address, process, log, timeout=120)
+    env = {"FLOW_API_KEY": KEY, "FLOW_WARMUP_PASSES": "0", "FLOW_DEVICE": "cpu"}
+    command = service_command(REPO_ROOT / "models", port)
+    with running_server(command, port, log, env=env, timeout=120) as address:
         yield address
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

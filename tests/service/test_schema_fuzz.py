@@ -23,7 +23,13 @@ from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
-from service.schemas import EncodeRequest, LogProbRequest, SampleRequest, TrajectoryRequest
+from service.schemas import (
+    EncodeRequest,
+    LogProbRequest,
+    SampleRequest,
+    TrajectoryRequest,
+    VelocityRequest,
+)
 from service.settings import Settings
 
 # Small limits: a generated num_samples of 10**12 must meet a 413, not a forward pass.
@@ -130,6 +136,7 @@ REQUESTS = {
     "/trajectory": TrajectoryRequest,
     "/encode": EncodeRequest,
     "/log_prob": LogProbRequest,
+    "/velocity": VelocityRequest,
 }
 
 json_values = st.recursive(
@@ -172,6 +179,7 @@ VALID = {
     "/trajectory": {"num_samples": 3, "num_steps": 4, "seed": 1, "stride": 2},
     "/encode": {"x": [[0.5, -1.0]], "num_steps": 4},
     "/log_prob": {"x": [[0.5, -1.0]], "num_steps": 4},
+    "/velocity": {"x": [[0.5, -1.0]], "t": 0.5},
 }
 
 
