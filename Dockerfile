@@ -3,6 +3,7 @@
 #   docker build -t flowserve .
 #   docker run --gpus all -p 127.0.0.1:8000:8000 flowserve
 #   docker build --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" -t flowserve:cpu .
+#   docker build --build-arg EXTRAS=ray -t flowserve:ray .      # for Ray Serve / KubeRay
 #
 # Layers run from least to most often changed: system user, dependencies (from the lock file
 # only), then the code and the models, so editing code never reinstalls torch.
@@ -28,9 +29,15 @@ WORKDIR /app
 # index in TORCH_PIP_ARGS makes a small CPU-only image. Everything else comes pinned from the
 # lock file (make lock refreshes it).
 ARG TORCH_PIP_ARGS=""
-COPY requirements.lock ./
+# EXTRAS=ray: the image for Ray Serve and KubeRay (deploy/ray), with ray[serve] from its lock
+# file, and wget, which KubeRay's probes of Ray's pods call.
+ARG EXTRAS=""
+COPY requirements.lock requirements-ray.lock ./
 RUN pip install ${TORCH_PIP_ARGS} torch==2.13.0 \
-    && pip install -r requirements.lock
+    && pip install -r requirements.lock \
+    && if [ "$EXTRAS" = "ray" ]; then pip install -r requirements-ray.lock \
+        && apt-get update && apt-get install -y --no-install-recommends wget \
+        && rm -rf /var/lib/apt/lists/*; fi
 
 # The package itself, so the image has the flowserve command too.
 COPY pyproject.toml README.md ./

@@ -45,7 +45,8 @@ LOCK = $(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-f
 lock: setup
 	$(BIN)/pip install --quiet pip-tools
 	$(LOCK) --output-file requirements.lock
-	$(LOCK) --extra dev --output-file requirements-dev.lock
+	$(LOCK) --extra ray --output-file requirements-ray.lock
+	$(LOCK) --extra dev --extra ray --output-file requirements-dev.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -53,24 +53,35 @@ OPEN_DOCS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect"})
 
 
 def create_app(
-    settings: Settings | None = None, *, on_fatal: Callable[[str], None] | None = None
+    settings: Settings | None = None,
+    *,
+    on_fatal: Callable[[str], None] | None = None,
+    registry: Registry | None = None,
 ) -> FastAPI:
     """The app. `on_fatal(reason)` is called when the service can no longer serve (model loading
-    crashed, or an engine keeps failing); `python -m service` then exits 1."""
+    crashed, or an engine keeps failing); `python -m service` then exits 1.
+
+    Without `registry` the app's start-up loads the models in the background (/healthz answers
+    at once, /readyz turns 200 when they are warm); with one (`service.registry.load_ready`) it
+    serves those models, already warm, and closes them when it stops."""
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = registry.metrics if registry is not None else Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.engine_address:  # a front of the engine process
+        if registry is not None:
+            registry.on_fatal = registry.on_fatal or on_fatal
+            app.state.registry = registry
+            loading = asyncio.create_task(asyncio.sleep(0))
+        elif settings.engine_address:  # a front of the engine process
             remote = RemoteRegistry(settings, metrics, on_fatal=on_fatal)
             app.state.registry = remote
             loading = asyncio.create_task(remote.connect())
         else:
-            registry = Registry(settings, metrics, on_fatal=on_fatal)
-            app.state.registry = registry
+            loaded = Registry(settings, metrics, on_fatal=on_fatal)
+            app.state.registry = loaded
             # Load in a worker thread: /healthz answers at once, /readyz turns 200 when warm.
-            loading = asyncio.create_task(asyncio.to_thread(registry.load))
+            loading = asyncio.create_task(asyncio.to_thread(loaded.load))
         loading.add_done_callback(lambda task: _report_failure(task, app.state.registry))
         watching = asyncio.create_task(_watch_after(loading, app.state.registry))
         try:

@@ -29,8 +29,8 @@ import torch
 
 from service.devices import resolve_device
 from service.engine import Engine, Job
-from service.errors import ModelNotFound, NotReady
-from service.loader import LoadedModel, load_models
+from service.errors import ModelNotFound, NotReady, one_line
+from service.loader import LoadedModel, check_models_dir, load_models
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -99,6 +99,8 @@ class Registry(ModelLookup):
         self.closed = False
         self.fatal: str | None = None
         self.on_fatal = on_fatal
+        self.watching = False
+        """True while `watch` runs."""
 
     def load(self) -> None:
         """Blocking: load, warm and start an engine for every model folder."""
@@ -186,9 +188,13 @@ class Registry(ModelLookup):
 
     async def watch(self) -> None:
         """Check every engine every FLOW_WATCHDOG_INTERVAL_S, until cancelled."""
-        while True:
-            await asyncio.sleep(self.settings.watchdog_interval_s)
-            await self.check_engines()
+        self.watching = True
+        try:
+            while True:
+                await asyncio.sleep(self.settings.watchdog_interval_s)
+                await self.check_engines()
+        finally:
+            self.watching = False
 
     async def check_engines(self) -> None:
         """Replace every engine that died or stalls; probe the replacements."""
@@ -245,3 +251,32 @@ class Registry(ModelLookup):
             return
         log.info("engine of model %s restarted and serving", name)
         served.recovering = None
+
+
+class ModelsNotReady(RuntimeError):
+    """The models of a `load_ready` did not all load and warm: the message is one line."""
+
+
+async def load_ready(
+    settings: Settings, *, on_fatal: Callable[[str], None] | None = None
+) -> Registry:
+    """Load, check and warm every model of `settings.models_dir` and return once they serve;
+    for a host that must not route traffic to the app before that, such as a Ray Serve replica
+    (`create_app(settings, registry=...)` then serves them). Raises ModelsNotReady with the line
+    /readyz would give (an empty or missing models dir, a refused folder without
+    FLOW_SERVE_PARTIAL, a crash while loading); nothing is left running then."""
+    try:
+        check_models_dir(settings.models_dir)
+    except ValueError as exc:
+        raise ModelsNotReady(str(exc)) from None
+    registry = Registry(settings, Metrics(), on_fatal=on_fatal)
+    try:
+        await asyncio.to_thread(registry.load)
+    except Exception as exc:
+        registry.close()
+        raise ModelsNotReady(f"model loading failed: {one_line(exc)}") from None
+    reason = registry.not_ready()
+    if reason is not None:
+        registry.close()
+        raise ModelsNotReady(reason.removeprefix("not ready: "))
+    return registry

@@ -305,4 +305,5 @@ async def metrics(registry: RegistryDep) -> Response:
     text = registry.metrics.render()
     if isinstance(registry, RemoteRegistry) and registry.ready and not shared_metrics():
         text += await registry.engine_metrics()
-    return Response(text, media_type="text/plain; version=0.0.4")
+    headers = {"X-Flow-Front": FRONT}
+    return Response(text, media_type="text/plain; version=0.0.4", headers=headers)

@@ -79,7 +79,10 @@ def test_dockerfile_installs_locked_dependencies_before_copying_code(
     package = first_index(instructions, "RUN", "pip install --no-deps .")
     assert lock < install < code < package
     copies_before_install = [args for name, args in instructions[:install] if name == "COPY"]
-    assert copies_before_install == ["requirements.lock ./"]
+    assert copies_before_install == ["requirements.lock requirements-ray.lock ./"]
+    ray = instructions[install][1]
+    assert 'if [ "$EXTRAS" = "ray" ]; then pip install -r requirements-ray.lock' in ray
+    assert ("ARG", 'EXTRAS=""') in instructions
 
 
 def test_the_lock_files_pin_every_dependency_but_torch() -> None:
@@ -98,9 +101,12 @@ def test_the_lock_files_pin_every_dependency_but_torch() -> None:
 
     runtime = names(project["dependencies"]) - {"torch"}
     dev = names(project["optional-dependencies"]["dev"])
+    ray = names(project["optional-dependencies"]["ray"])
     assert runtime <= pinned("requirements.lock")
-    assert runtime | dev <= pinned("requirements-dev.lock")
-    assert "torch" not in pinned("requirements.lock") | pinned("requirements-dev.lock")
+    assert runtime | ray <= pinned("requirements-ray.lock")
+    assert runtime | dev | ray <= pinned("requirements-dev.lock")
+    locks = ("requirements.lock", "requirements-ray.lock", "requirements-dev.lock")
+    assert not any("torch" in pinned(lock) for lock in locks)
 
 
 def test_dockerfile_runs_as_non_root_with_the_models(instructions: list[tuple[str, str]]) -> None:
