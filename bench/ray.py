@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from bench.common import REPO_ROOT, serve
-from bench.ray_cluster import LocalCluster, local_cluster, serve_config
+from bench.ray_cluster import LocalCluster, local_cluster, samples_answered, serve_config
 from bench.throughput import LoadResult, find_wrk, run_httpx_load, run_wrk
 from service.client import AsyncFlowClient
 
@@ -50,6 +50,10 @@ MODEL = "four-gaussians"
 ALL_CASES = ("load", "small", "autoscale", "rolling")
 JSON = "application/json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -151,12 +155,17 @@ def case_load(ctx: Context) -> dict[str, Any]:
             "replicas": pids_named("ray::ServeReplica"),
             "proxy": pids_named("ray::ProxyActor"),
         }
-        out[f"serve_{replicas}"] = measure_load(
+        before = ctx.cluster.replica_metrics(replicas)
+        result = measure_load(
             ctx.cluster.url, body, ctx.connections, seconds, ctx.workdir, ctx.wrk, watch
         )
-        out[f"serve_{replicas}"]["vs_direct"] = (
-            out[f"serve_{replicas}"]["requests_per_s"] / out["direct"]["requests_per_s"]
+        after = ctx.cluster.replica_metrics(replicas)
+        # as each replica counted them
+        result["requests_per_replica"] = sorted(
+            int(samples_answered(after[pid]) - samples_answered(before[pid])) for pid in after
         )
+        result["vs_direct"] = result["requests_per_s"] / out["direct"]["requests_per_s"]
+        out[f"serve_{replicas}"] = result
     return out
 
 
@@ -333,9 +342,11 @@ def table(results: dict[str, Any]) -> str:
             r = load[key]
             ratio = f"  {r['vs_direct']:.2f}x direct" if "vs_direct" in r else ""
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_request"].items())
+            split = f"  per replica {r['requests_per_replica']}" if key != "direct" else ""
             lines.append(
                 f"  {key:8s} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
                 f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}{ratio}  CPU ms/request: {cpu}"
+                f"{split}"
             )
     if "small" in results:
         small = results["small"]
@@ -349,10 +360,11 @@ def table(results: dict[str, Any]) -> str:
             )
     if "autoscale" in results:
         a = results["autoscale"]
+        up, down = a["seconds_to_second_replica"], a["seconds_back_to_one_after_burst"]
         lines.append(
-            f"autoscale ({a['clients']}): second replica after {a['seconds_to_second_replica']} s"
-            f", back to one {a['seconds_back_to_one_after_burst']:.1f} s after the burst "
-            f"(downscale_delay_s {a['downscale_delay_s']}); {a['tally']}"
+            f"autoscale ({a['clients']}): second replica after {seconds(up)}, back to one "
+            f"{seconds(down)} after the burst (downscale_delay_s {a['downscale_delay_s']}); "
+            f"{a['tally']}"
         )
     if "rolling" in results:
         r = results["rolling"]

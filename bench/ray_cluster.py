@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import REPO_ROOT, free_port
 
@@ -34,6 +35,21 @@ PROXY_ENV = {
     # Every proxy spreads requests over all replicas, not its own node's first.
     "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
 }
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus text's samples `name` whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def samples_answered(text: str) -> float:
+    """The /sample requests a replica answered 200, from its /metrics text."""
+    return metric_total(text, "flowserve_requests_total", endpoint="/sample", status="200")
 
 
 class RayClusterBusy(RuntimeError):
@@ -110,6 +126,22 @@ class LocalCluster:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"replicas of {app}: {states} after {timeout:.0f} s, not {running}")
+
+    def replica_metrics(self, replicas: int, within_s: float = 60) -> dict[str, str]:
+        """/metrics of every replica, by the pid that answered (`X-Flow-Front`), asked through
+        the proxy until each of `replicas` has answered. (Serve's router remembers each
+        replica's queue length for a few seconds: right after a burst it may keep choosing the
+        one it saw idle last.)"""
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            response = httpx.get(f"{self.url}/metrics", timeout=10)
+            response.raise_for_status()
+            seen[response.headers["X-Flow-Front"]] = response.text
+            if len(seen) == replicas:
+                return seen
+            time.sleep(0.05)
+        raise TimeoutError(f"only {len(seen)} of {replicas} replicas answered /metrics")
 
     def wait_ready(self, timeout: float = 180) -> None:
         """Until /readyz through the proxy answers 200."""

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO_ROOT, free_port, running_server, service_command
-from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install flowserve[ray])")
 
@@ -32,6 +31,8 @@ from bench.ray_cluster import (
     LocalCluster,
     RayClusterBusy,
     local_cluster,
+    metric_total,
+    samples_answered,
     serve_config,
 )
 from service.client import AsyncFlowClient, FlowClient
@@ -68,31 +69,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
             yield running
     except RayClusterBusy as exc:
         pytest.skip(str(exc))
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-def per_replica(url: str, replicas: int, within_s: float = 60) -> dict[str, str]:
-    """/metrics of every replica (by the process that answered), asked through the proxy until
-    each of `replicas` has answered. (Serve's router remembers each replica's queue length for
-    a few seconds: right after a burst it may keep choosing the one it saw idle last.)"""
-    seen: dict[str, str] = {}
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        response = httpx.get(f"{url}/metrics", timeout=10)
-        assert response.status_code == 200
-        seen[response.headers["X-Flow-Front"]] = response.text
-        if len(seen) == replicas:
-            return seen
-        time.sleep(0.05)
-    pytest.fail(f"only {len(seen)} of {replicas} replicas answered /metrics in {within_s} s")
 
 
 def test_the_kuberay_manifest_holds_the_serve_config() -> None:
@@ -161,7 +137,7 @@ def test_errors_through_serve_keep_the_contracts_shape(cluster: LocalCluster) ->
 
 
 def test_both_replicas_take_traffic_and_count_it(cluster: LocalCluster) -> None:
-    before = per_replica(cluster.url, 2)
+    before = cluster.replica_metrics(2)
     sent = 256
 
     async def burst() -> list[httpx.Response]:
@@ -171,12 +147,10 @@ def test_both_replicas_take_traffic_and_count_it(cluster: LocalCluster) -> None:
 
     answers = asyncio.run(burst())
     assert Counter(r.status_code for r in answers) == {200: sent}
-    after = per_replica(cluster.url, 2)
+    after = cluster.replica_metrics(2)
     assert after.keys() == before.keys()
     counted = {
-        front: metric(after[front], "flowserve_requests_total", endpoint="/sample", status="200")
-        - metric(before[front], "flowserve_requests_total", endpoint="/sample", status="200")
-        for front in after
+        front: samples_answered(after[front]) - samples_answered(before[front]) for front in after
     }
     assert sum(counted.values()) == sent, counted
     assert min(counted.values()) > 0, counted  # both replicas served some
@@ -185,16 +159,16 @@ def test_both_replicas_take_traffic_and_count_it(cluster: LocalCluster) -> None:
 
 
 def test_a_client_that_goes_away_cancels_its_work_in_the_replica(cluster: LocalCluster) -> None:
-    before = per_replica(cluster.url, 2)
+    before = cluster.replica_metrics(2)
     body = {"model": MODEL, "num_samples": 4096, "num_steps": 10_000}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{cluster.url}/sample", json=body, timeout=1.5)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        after = per_replica(cluster.url, 2)
+        after = cluster.replica_metrics(2)
         dropped = sum(
-            metric(after[f], "flowserve_rows_dropped_total", reason="disconnect")
-            - metric(before[f], "flowserve_rows_dropped_total", reason="disconnect")
+            metric_total(after[f], "flowserve_rows_dropped_total", reason="disconnect")
+            - metric_total(before[f], "flowserve_rows_dropped_total", reason="disconnect")
             for f in after
         )
         if dropped == 4096:
@@ -224,7 +198,7 @@ class Recording(httpx.AsyncHTTPTransport):
 def test_a_replica_killed_under_load_loses_no_request_of_a_retrying_client(
     cluster: LocalCluster,
 ) -> None:
-    fronts = set(per_replica(cluster.url, 2))
+    fronts = set(cluster.replica_metrics(2))
     victim = int(sorted(fronts)[0])
     transport = Recording()
     done: list[int] = []
@@ -255,7 +229,7 @@ def test_a_replica_killed_under_load_loses_no_request_of_a_retrying_client(
     assert len(done) > 100  # the loop ran; every request it made came back with samples
     assert all(status == 503 and after for status, _, after in transport.failed), transport.failed
     cluster.wait_replicas(2)  # Serve started a replacement
-    replacement = set(per_replica(cluster.url, 2)) - fronts
+    replacement = set(cluster.replica_metrics(2)) - fronts
     assert len(replacement) == 1  # a new process answers
     assert cluster.app_status().get("status") == "RUNNING"
 
