@@ -136,6 +136,10 @@ class EngineServer:
 
     def status(self, request: dict) -> dict[str, Any]:
         registry = self.registry
+        # The gauges are also set as jobs come and go, but a count read while the engine thread
+        # admits what arrived can be short by the jobs in hand; every front polls this several
+        # times a second, so /metrics is never stale for longer than that.
+        registry.refresh_gauges()
         models = {}
         for name, served in registry.served.items():
             engine, stats = served.engine, served.engine.stats

@@ -139,10 +139,12 @@ def test_a_killed_engine_process_gives_503s_at_once_and_the_service_exits_1(
                     asyncio.ensure_future(client.post("/sample", json={**body, "seed": s}))
                     for s in range(8)
                 ]
+                deadline = time.monotonic() + 30
                 while True:  # every request admitted by the engine
                     text = (await client.get("/metrics")).text
                     if sum(metric_samples(text, "flowserve_queue_requests").values()) >= 8:
                         break
+                    assert time.monotonic() < deadline, "the 8 requests never showed in /metrics"
                     await asyncio.sleep(0.05)
                 os.kill(await asyncio.to_thread(engine_pid, url), signal.SIGKILL)
                 started = time.monotonic()
