@@ -23,7 +23,6 @@ Printed per step count as the mean and standard deviation over the seeds (W2: ov
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.loader import load_model
+from service.loader import LoadedModel, load_model
 from service.mixture import GaussianMixture
 from service.solvers import integrate
 from training.datasets import MixtureTarget
@@ -45,12 +44,15 @@ EVAL_SEED = 7_000
 
 
 def evaluate(
-    folder: Path, points: int, seed: int, steps: list[int], floor: float
+    model: LoadedModel,
+    target: GaussianMixture,
+    points: int,
+    seed: int,
+    steps: list[int],
+    floor: float,
 ) -> dict[int, dict]:
     """Per step count (0: a target draw scored as samples): off-mode %, mode shares and the
     W2/floor of each chunk."""
-    model = load_model(folder, torch.device("cpu"))
-    target = GaussianMixture.from_spec(model.manifest["config"]["target"])
     generator = torch.Generator().manual_seed(EVAL_SEED + seed)
     x0 = model.source.sample(points, generator)
     rows = {}
@@ -79,11 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     for name in args.models:
         started = time.perf_counter()
-        folder = args.models_dir / name
-        spec = json.loads((folder / "manifest.json").read_text())["config"]["target"]
-        target = MixtureTarget(GaussianMixture.from_spec(spec))
-        floor, floor_sd = w2_floor(target, CHUNK, args.floor_draws)
-        runs = [evaluate(folder, args.points, s, args.steps, floor) for s in args.seeds]
+        model = load_model(args.models_dir / name, torch.device("cpu"))
+        target = GaussianMixture.from_spec(model.manifest["config"]["target"])
+        floor, floor_sd = w2_floor(MixtureTarget(target), CHUNK, args.floor_draws)
+        runs = [evaluate(model, target, args.points, s, args.steps, floor) for s in args.seeds]
         print(
             f"\n{name}: {args.points} points x {len(args.seeds)} seeds, mean (sd over seeds; "
             f"W2: over chunks, with its standard error); floor {floor:.4f} (sd {floor_sd:.4f}, "

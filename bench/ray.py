@@ -52,7 +52,8 @@ JSON = "application/json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def seconds(value: float | None) -> str:
+def after_s(value: float | None) -> str:
+    """Seconds for the table; None: it never happened."""
     return "never" if value is None else f"{value:.1f} s"
 
 
@@ -362,8 +363,8 @@ def table(results: dict[str, Any]) -> str:
         a = results["autoscale"]
         up, down = a["seconds_to_second_replica"], a["seconds_back_to_one_after_burst"]
         lines.append(
-            f"autoscale ({a['clients']}): second replica after {seconds(up)}, back to one "
-            f"{seconds(down)} after the burst (downscale_delay_s {a['downscale_delay_s']}); "
+            f"autoscale ({a['clients']}): second replica after {after_s(up)}, back to one "
+            f"{after_s(down)} after the burst (downscale_delay_s {a['downscale_delay_s']}); "
             f"{a['tally']}"
         )
     if "rolling" in results:

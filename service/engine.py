@@ -277,6 +277,8 @@ class Engine:
 
     @property
     def queued_jobs(self) -> int:
+        """Jobs queued or running. Read without the lock: while the engine thread admits what
+        arrived, those jobs are in neither list, so a read then can be short for a moment."""
         return len(self._pending) + len(self._jobs)
 
     def health(self, stall_s: float) -> str | None:

@@ -136,9 +136,8 @@ class EngineServer:
 
     def status(self, request: dict) -> dict[str, Any]:
         registry = self.registry
-        # The gauges are also set as jobs come and go, but a count read while the engine thread
-        # admits what arrived can be short by the jobs in hand; every front polls this several
-        # times a second, so /metrics is never stale for longer than that.
+        # Also set as jobs come and go, but such a read can be short (Engine.queued_jobs): the
+        # fronts' polls keep /metrics from staying stale longer than a poll.
         registry.refresh_gauges()
         models = {}
         for name, served in registry.served.items():
