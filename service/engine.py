@@ -120,6 +120,9 @@ class Job:
     units_left: int = 0
     cancel_reason: str | None = None
     on_cancel: Callable[[str], None] | None = None  # told of cancel() (the engine elsewhere)
+    on_done: Callable[[JobResult | None, Exception | None], None] | None = None
+    """Told of the job's end instead of an awaiting task (`Engine.submit`): (result, None) or
+    (None, error), on the engine's thread, or on the thread that gave up on the engine."""
     _future: asyncio.Future | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -260,15 +263,33 @@ class Engine:
     # ----------------------------------------------------------------- interface
 
     def start(self) -> None:
+        """Serve on a thread of the engine's own. An engine never started is driven instead:
+        its owner calls `turn` from one thread of its own (`service.engine_process`)."""
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Fail what is still queued or running and end the thread."""
+        """Fail what is still queued or running and end the thread (for a driven engine: call it
+        from the driving thread, which fails what is left here and now)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread.ident is None:
+            self._fail_leftovers()
+        elif self._thread.is_alive():
             self._thread.join(timeout)
+
+    @property
+    def has_work(self) -> bool:
+        """Jobs wait or run, and the engine serves (a driven engine's owner then calls `turn`)."""
+        return bool(self._pending or self._jobs) and not self._stopping
+
+    def turn(self) -> None:
+        """For a driven engine: admit what arrived, drop what went stale, run one pass. An error
+        that escapes kills the engine as it would kill its thread (`failure` says why)."""
+        try:
+            self._turn()
+        except BaseException as exc:
+            self._die(exc)
 
     @property
     def queued_rows(self) -> int:
@@ -341,6 +362,11 @@ class Engine:
         # The engine may settle the future after this wait gave up on it (deadline, disconnect).
         job._future.add_done_callback(_retrieve)
         job._loop = loop
+        self.submit(job)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; its end reaches `job.on_done` (or the future `enqueue` gave it). Raises
+        the engine's error when it takes no work."""
         with self._cond:
             if self.failure is not None:
                 raise self._failed_error()
@@ -375,11 +401,18 @@ class Engine:
         torch.set_grad_enabled(False)  # thread-local: passes that need autograd enable it
         try:
             self._loop()
-        except BaseException as exc:  # the engine is dead: say why, fail what waits on it
-            reason = f"{type(exc).__name__}: {one_line(exc)}"
-            log.error("engine of model %s died: %s", self.model.name, reason)
-            self.abandon(reason)
+        except BaseException as exc:
+            self._die(exc)
             return
+        self._fail_leftovers()
+
+    def _die(self, exc: BaseException) -> None:
+        """Something escaped a pass: the engine is dead; say why and fail what waits on it."""
+        reason = f"{type(exc).__name__}: {one_line(exc)}"
+        log.error("engine of model %s died: %s", self.model.name, reason)
+        self.abandon(reason)
+
+    def _fail_leftovers(self) -> None:
         with self._cond:
             leftover, self._pending = self._pending, []
         for job in leftover + list(self._jobs):
@@ -393,13 +426,17 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-                arrived, self._pending = self._pending, []
-            for job in arrived:
-                self._admit(job)
-            self._drop_stale()
-            if self._jobs:
-                self._pass()
-            self.last_progress = self.clock()
+            self._turn()
+
+    def _turn(self) -> None:
+        with self._cond:
+            arrived, self._pending = self._pending, []
+        for job in arrived:
+            self._admit(job)
+        self._drop_stale()
+        if self._jobs:
+            self._pass()
+        self.last_progress = self.clock()
 
     def _lane(self, job: Job) -> Lane:
         condition_width = 0 if job.condition is None else int(job.condition.shape[1])
@@ -708,6 +745,9 @@ class Engine:
     def _resolve(
         job: Job, *, result: JobResult | None = None, error: Exception | None = None
     ) -> None:
+        if job.on_done is not None:
+            job.on_done(result, error)
+            return
         future, loop = job._future, job._loop
         if future is None or loop is None:
             return

@@ -14,6 +14,7 @@ engine, or refused with its error), "cancel" one (the client went away, or its d
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -21,6 +22,8 @@ import multiprocessing.process
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -29,6 +32,7 @@ import torch
 import zmq
 
 from service import ipc
+from service.engine import Job, JobResult
 from service.errors import ModelFailed, ServiceError, one_line
 from service.metrics import Metrics
 from service.process import keep_freed_memory
@@ -38,26 +42,47 @@ from service.settings import Settings
 log = logging.getLogger("flowserve.engine_process")
 
 
+IDLE_POLL_MS = 20
+"""How long the driving thread waits on the socket when no engine has work: the longest a job
+queued from elsewhere (the watchdog's probe of a restarted engine) waits to be seen."""
+
+
 class EngineServer:
-    """The models' engines and the socket they answer on."""
+    """The models' engines and the socket they answer on.
+
+    One thread, the driver, owns the socket and every engine: it reads what arrived, runs one
+    pass of each engine that has work, and sends each answer as its job ends, with no event loop
+    and no hand-off between threads on a job's way (the engines are never started: `Engine.turn`).
+    The asyncio loop of the process only loads the models and runs the engine watchdog
+    (`Registry.watch`). Answers settled off the driver (the watchdog gave up on an engine) wait
+    in `outbox` for the driver's next turn.
+    """
 
     def __init__(self, settings: Settings, address: str):
         self.settings = settings
         self.address = address
-        self.registry = Registry(settings, Metrics(), on_fatal=self._fatal)
+        self.registry = Registry(settings, Metrics(), on_fatal=self._fatal, driven=True)
         self.exit_code = 0
         self.stopping: asyncio.Event | None = None
-        self.jobs: dict[tuple[bytes, int], Any] = {}
-        self.running: set[asyncio.Task] = set()  # held here: the loop keeps only weak references
-        self.channel: ipc.Channel | None = None
+        self.jobs: dict[tuple[bytes, int], Job] = {}
+        self.outbox: collections.deque[list] = collections.deque()
+        self.halt = threading.Event()
+        self.socket: zmq.Socket | None = None
+        self.driver_ident: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, stopping: asyncio.Event) -> None:
         self.stopping = stopping
+        self.loop = asyncio.get_running_loop()
         context = zmq.Context()
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 0)  # the engines' bounded queues are the limit
+        socket.setsockopt(zmq.RCVHWM, 0)
         socket.bind(self.address)
-        self.channel = ipc.Channel(socket, self._receive)
+        self.socket = socket
+        driver = threading.Thread(target=self._drive, name="engine-driver", daemon=True)
+        driver.start()
         loading = asyncio.create_task(asyncio.to_thread(self.registry.load))
         background = [asyncio.create_task(self._after_loading(loading))]
         try:
@@ -68,8 +93,8 @@ class EngineServer:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await loading
-            self.registry.close()
-            self.channel.close()
+            self.halt.set()
+            await asyncio.to_thread(driver.join)
             context.term()
 
     def _fatal(self, reason: str) -> None:
@@ -87,52 +112,109 @@ class EngineServer:
             return
         await self.registry.watch()
 
+    # ----------------------------------------------------------------- the driver
+
+    def _drive(self) -> None:
+        torch.set_grad_enabled(False)  # thread-local, as on an engine's own thread
+        self.driver_ident = threading.get_ident()
+        socket, clock = self.socket, time.monotonic
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        try:
+            while not self.halt.is_set():
+                engines = [served.engine for served in list(self.registry.served.values())]
+                if any(engine.has_work for engine in engines):
+                    if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no system call
+                        self._read()
+                elif poller.poll(IDLE_POLL_MS):
+                    self._read()
+                for engine in engines:
+                    if engine.has_work:
+                        engine.turn()
+                    else:
+                        engine.last_progress = clock()  # idle is not stalled
+                while self.outbox:
+                    self._send(self.outbox.popleft())
+        except Exception:  # the driver must not die quietly: the fronts would wait on it
+            log.exception("engine process: the driver failed; stopping")
+            self.exit_code = 1
+        finally:
+            self.registry.close()  # fails what is left (answered here, on the driver)
+            while self.outbox:
+                self._send(self.outbox.popleft())
+            socket.close(linger=0)
+            if self.exit_code and self.stopping is not None and not self.halt.is_set():
+                self.loop.call_soon_threadsafe(self.stopping.set)
+
+    def _read(self) -> None:
+        socket = self.socket
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._receive(frames)
+            except Exception:  # one bad message must not stop the driver
+                log.exception("engine process: a message could not be handled")
+
     def _receive(self, message: list) -> None:
         identity, *frames = message
         header, tensors = ipc.decode(frames)
         op = header["op"]
         if op == "submit":
-            task = asyncio.ensure_future(self._submit(identity.bytes, header, tensors))
-            self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            self._submit(identity.bytes, header, tensors)
         elif op == "cancel":
             job = self.jobs.get((identity.bytes, header["id"]))
             if job is not None:
                 job.cancel(header.get("reason", "cancelled"))
         elif op == "status":
-            self._send(identity.bytes, ipc.encode(self.status(header)))
+            self._send([identity.bytes, *ipc.encode(self.status(header))])
         elif op == "metrics":  # for a front whose process does not share metric files
             text = self.registry.metrics.render().decode()
             reply = {"op": "metrics", "id": header["id"], "text": text}
-            self._send(identity.bytes, ipc.encode(reply))
+            self._send([identity.bytes, *ipc.encode(reply)])
 
-    def _send(self, identity: bytes, frames: list) -> None:
-        self.channel.send([identity, *frames])
+    def _send(self, frames: list) -> None:
+        self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
 
-    async def _submit(self, identity: bytes, header: dict, tensors: dict) -> None:
+    def _submit(self, identity: bytes, header: dict, tensors: dict) -> None:
         key = (identity, header["id"])
         try:
             served = self.registry.get(header["model"])
+            engine = served.engine
             job = ipc.read_job(header, tensors, served.model.device)
-            release = served.engine.reserve(job.rows)
-            try:
-                if header["timeout_s"] is not None:
-                    job.deadline = served.engine.clock() + header["timeout_s"]
-                self.jobs[key] = job
-                served.engine.enqueue(job)
-                self.registry.refresh_gauges(served)  # the queue gauges are this process's
-                result = await served.engine.result(job)
-            finally:
-                self.jobs.pop(key, None)
-                release()
-                self.registry.refresh_gauges(served)  # before the answer: /metrics agrees
-            reply = ipc.result_message(header["id"], result)
+            release = engine.reserve(job.rows)
         except ServiceError as exc:
-            reply = ipc.error_message(header["id"], exc)
-        except Exception as exc:  # a fault of this process: the request fails, the process goes on
-            log.exception("engine process: job %s failed", header["id"])
-            reply = ipc.error_message(header["id"], ModelFailed(one_line(exc)))
-        self._send(identity, reply)
+            self._send([identity, *ipc.error_message(header["id"], exc)])
+            return
+        if header["timeout_s"] is not None:
+            job.deadline = engine.clock() + header["timeout_s"]
+
+        def done(result: JobResult | None, error: Exception | None) -> None:
+            if self.jobs.pop(key, None) is None:
+                return  # answered already
+            release()
+            self.registry.refresh_gauges(served)  # before the answer: /metrics agrees
+            if error is None:
+                reply = ipc.result_message(header["id"], result)
+            else:
+                if not isinstance(error, ServiceError):  # a fault of this process
+                    error = ModelFailed(one_line(error))
+                reply = ipc.error_message(header["id"], error)
+            if threading.get_ident() == self.driver_ident:
+                self._send([identity, *reply])
+            else:  # the socket is the driver's
+                self.outbox.append([identity, *reply])
+
+        job.on_done = done
+        self.jobs[key] = job
+        try:
+            engine.submit(job)
+        except ServiceError as exc:
+            done(None, exc)
+            return
+        self.registry.refresh_gauges(served)  # the queue gauges are this process's
 
     def status(self, request: dict) -> dict[str, Any]:
         registry = self.registry

@@ -88,8 +88,11 @@ class Registry(ModelLookup):
         metrics: Metrics,
         *,
         on_fatal: Callable[[str], None] | None = None,
+        driven: bool = False,
     ):
         self.settings = settings
+        self.driven = driven
+        """Engines are not started: their owner drives them (`Engine.turn`)."""
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.served: dict[str, Served] = {}
@@ -120,7 +123,8 @@ class Registry(ModelLookup):
             if self.closed:
                 return
             engine = self._engine(model)
-            engine.start()
+            if not self.driven:
+                engine.start()
             self.served[name] = Served(model, engine, self.metrics)
         if settings.default_model and settings.default_model not in self.served:
             log.error(
@@ -236,7 +240,8 @@ class Registry(ModelLookup):
         )
         served.recovering = reason
         served.engine = self._engine(served.model)
-        served.engine.start()
+        if not self.driven:
+            served.engine.start()
         self.metrics.engine_restarts.labels(name).inc()
 
     async def _probe(self, name: str, served: Served) -> None:
