@@ -26,7 +26,7 @@ from service.metrics import Metrics
 from service.middleware import OPEN_PATHS, AccessLog, BearerAuth, BodyLimit, NpyBody
 from service.registry import Registry
 from service.remote import RemoteRegistry
-from service.routes import router
+from service.routes import DirectPosts, router
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("flowserve")
@@ -121,6 +121,7 @@ def create_app(
     if keys:
         _declare_bearer_auth(app)
     install_error_handlers(app, settings.retry_after_s)
+    app.add_middleware(DirectPosts)  # innermost: after auth, the body limit and .npy bodies
     app.add_middleware(NpyBody)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # The docs are open (a browser cannot send a bearer key to load a page); the calls made from
