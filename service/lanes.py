@@ -105,8 +105,8 @@ class Unit:
     job_start: int  # first row of this unit within its job
     rows: int
     offset: int = 0  # first row within the lane; moves when the lane compacts
-    step: int = 0
-    stage: int = 0
+    done: int = 0  # stages done: steps x stages + stage
+    next_event: int = 0  # `done` at the next kept step or the last one (set by the engine)
     keep_index: dict[int, int] | None = None
     dead: bool = False
 
@@ -184,8 +184,9 @@ class Lane:
         if len(alive) == len(self.units):
             return
         self._full = None
-        if alive:
-            kept = self.state.index_select(0, rows_of(alive, self.device))
+        starts, ends = _runs(alive)
+        if starts and starts != [0]:  # else the rows kept are where they belong already
+            kept = self.state.index_select(0, _index(starts, ends, self.device))
             self.state[: kept.shape[0]] = kept
         offset = 0
         for unit in alive:
@@ -238,5 +239,25 @@ class Lane:
 
 def rows_of(units: list[Unit], device: torch.device) -> torch.Tensor:
     """The lane rows of `units`, in their order: (sum of rows,) int64 on `device`."""
-    rows = np.concatenate([np.arange(u.offset, u.offset + u.rows) for u in units])
+    return _index(*_runs(units), device)
+
+
+def _runs(units: list[Unit]) -> tuple[list[int], list[int]]:
+    """Starts and ends of the runs of lane rows `units` cover, in their order: units that follow
+    each other in the lane make one run."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for unit in units:
+        if ends and ends[-1] == unit.offset:
+            ends[-1] += unit.rows
+        else:
+            starts.append(unit.offset)
+            ends.append(unit.offset + unit.rows)
+    return starts, ends
+
+
+def _index(starts: list[int], ends: list[int], device: torch.device) -> torch.Tensor:
+    if len(starts) == 1:
+        return torch.arange(starts[0], ends[0], device=device)
+    rows = np.concatenate([np.arange(start, end) for start, end in zip(starts, ends, strict=True)])
     return torch.from_numpy(rows).to(device)
