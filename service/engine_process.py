@@ -14,7 +14,6 @@ engine, or refused with its error), "cancel" one (the client went away, or its d
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import multiprocessing
@@ -32,7 +31,7 @@ import torch
 import zmq
 
 from service import ipc
-from service.engine import Job, JobResult
+from service.engine import Engine, Job, JobResult
 from service.errors import ModelFailed, ServiceError, one_line
 from service.metrics import Metrics
 from service.process import keep_freed_memory
@@ -43,46 +42,50 @@ log = logging.getLogger("flowserve.engine_process")
 
 
 IDLE_POLL_MS = 20
-"""How long the driving thread waits on the socket when no engine has work: the longest a job
-queued from elsewhere (the watchdog's probe of a restarted engine) waits to be seen."""
+"""How long the driver waits on its socket when no engine has work: the longest a job queued
+from elsewhere (the watchdog's probe of a restarted engine) waits to be seen."""
 
 
 class EngineServer:
-    """The models' engines and the socket they answer on.
+    """The models' engines and the two sockets they answer on.
 
-    One thread, the driver, owns the socket and every engine: it reads what arrived, runs one
-    pass of each engine that has work, and sends each answer as its job ends, with no event loop
-    and no hand-off between threads on a job's way (the engines are never started: `Engine.turn`).
-    The asyncio loop of the process only loads the models and runs the engine watchdog
-    (`Registry.watch`). Answers settled off the driver (the watchdog gave up on an engine) wait
-    in `outbox` for the driver's next turn.
+    Jobs: one thread, the driver, owns the jobs socket and every engine. It reads what arrived,
+    runs one pass of each engine that has work and sends each answer as its job ends: no event
+    loop and no hand-off between threads on a job's way (the engines are never started; the
+    driver calls `Engine.turn`). Control: the process's asyncio loop owns the control socket,
+    which answers status and metrics, and carries the answers settled off the driver (the
+    watchdog gave up on an engine), so a pass that never returns leaves the fronts informed.
+
+    That watchdog (`Registry.watch`) replaces an engine whose pass has not returned for
+    FLOW_ENGINE_STALL_S; the driver is stuck in that pass, so a new driver takes the jobs socket
+    and serves the other engines and the replacement, and the old one leaves when (if ever) its
+    pass returns, without touching the socket again.
     """
 
     def __init__(self, settings: Settings, address: str):
         self.settings = settings
         self.address = address
-        self.registry = Registry(settings, Metrics(), on_fatal=self._fatal, driven=True)
+        self.registry = Registry(
+            settings, Metrics(), on_fatal=self._fatal, start_engine=self._adopt
+        )
         self.exit_code = 0
         self.stopping: asyncio.Event | None = None
-        self.jobs: dict[tuple[bytes, int], Job] = {}
-        self.outbox: collections.deque[list] = collections.deque()
-        self.halt = threading.Event()
-        self.socket: zmq.Socket | None = None
-        self.driver_ident: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.jobs: dict[tuple[bytes, int], Job] = {}
+        self.halt = threading.Event()
+        self.socket: zmq.Socket | None = None  # jobs: the driver's
+        self.control: ipc.Channel | None = None  # status, metrics, answers off the driver
+        self.driver: threading.Thread | None = None
+        self.beat = time.monotonic()
+        """When the driver last went round its loop."""
 
     async def serve(self, stopping: asyncio.Event) -> None:
         self.stopping = stopping
         self.loop = asyncio.get_running_loop()
         context = zmq.Context()
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, 0)  # the engines' bounded queues are the limit
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.bind(self.address)
-        self.socket = socket
-        driver = threading.Thread(target=self._drive, name="engine-driver", daemon=True)
-        driver.start()
+        self.socket = _bound(context, self.address)
+        self.control = ipc.Channel(_bound(context, ipc.control_address(self.address)), self._ask)
+        self._start_driver()
         loading = asyncio.create_task(asyncio.to_thread(self.registry.load))
         background = [asyncio.create_task(self._after_loading(loading))]
         try:
@@ -94,7 +97,8 @@ class EngineServer:
             with contextlib.suppress(BaseException):
                 await loading
             self.halt.set()
-            await asyncio.to_thread(driver.join)
+            await asyncio.to_thread(self.driver.join)
+            self.control.close()
             context.term()
 
     def _fatal(self, reason: str) -> None:
@@ -112,16 +116,44 @@ class EngineServer:
             return
         await self.registry.watch()
 
+    def _adopt(self, engine: Engine) -> None:
+        """How the registry starts an engine here: the driver serves every engine of
+        `registry.served`. One that comes while the driver has not gone round for
+        FLOW_ENGINE_STALL_S replaces the engine whose pass holds the driver: a new driver."""
+        if time.monotonic() - self.beat > self.settings.engine_stall_s:
+            log.error("engine process: the driver is stuck in a pass; a new driver takes over")
+            self._start_driver()
+
+    # ----------------------------------------------------------------- control
+
+    def _ask(self, message: list) -> None:
+        identity, *frames = message
+        header, _ = ipc.decode(frames)
+        if header["op"] == "status":
+            reply = self.status(header)
+        elif header["op"] == "metrics":  # for a front whose process does not share metric files
+            text = self.registry.metrics.render().decode()
+            reply = {"op": "metrics", "id": header["id"], "text": text}
+        else:
+            return
+        self.control.send([identity, *ipc.encode(reply)])
+
     # ----------------------------------------------------------------- the driver
+
+    def _start_driver(self) -> None:
+        self.beat = time.monotonic()
+        self.driver = threading.Thread(target=self._drive, name="engine-driver", daemon=True)
+        self.driver.start()
 
     def _drive(self) -> None:
         torch.set_grad_enabled(False)  # thread-local, as on an engine's own thread
-        self.driver_ident = threading.get_ident()
+        me = threading.current_thread()
         socket, clock = self.socket, time.monotonic
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         try:
             while not self.halt.is_set():
+                self.beat = clock()
                 engines = [served.engine for served in list(self.registry.served.values())]
                 if any(engine.has_work for engine in engines):
                     if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no system call
@@ -129,22 +161,20 @@ class EngineServer:
                 elif poller.poll(IDLE_POLL_MS):
                     self._read()
                 for engine in engines:
-                    if engine.has_work:
-                        engine.turn()
-                    else:
+                    if not engine.has_work:
                         engine.last_progress = clock()  # idle is not stalled
-                while self.outbox:
-                    self._send(self.outbox.popleft())
+                        continue
+                    engine.turn()
+                    if self.driver is not me:
+                        return  # this pass hung and a new driver took over: leave it all to it
         except Exception:  # the driver must not die quietly: the fronts would wait on it
             log.exception("engine process: the driver failed; stopping")
             self.exit_code = 1
+            self.loop.call_soon_threadsafe(self.stopping.set)
         finally:
-            self.registry.close()  # fails what is left (answered here, on the driver)
-            while self.outbox:
-                self._send(self.outbox.popleft())
-            socket.close(linger=0)
-            if self.exit_code and self.stopping is not None and not self.halt.is_set():
-                self.loop.call_soon_threadsafe(self.stopping.set)
+            if self.driver is me:
+                self.registry.close()  # fails what is left (answered here, on the driver)
+                socket.close(linger=0)
 
     def _read(self) -> None:
         socket = self.socket
@@ -161,22 +191,12 @@ class EngineServer:
     def _receive(self, message: list) -> None:
         identity, *frames = message
         header, tensors = ipc.decode(frames)
-        op = header["op"]
-        if op == "submit":
+        if header["op"] == "submit":
             self._submit(identity.bytes, header, tensors)
-        elif op == "cancel":
+        elif header["op"] == "cancel":
             job = self.jobs.get((identity.bytes, header["id"]))
             if job is not None:
                 job.cancel(header.get("reason", "cancelled"))
-        elif op == "status":
-            self._send([identity.bytes, *ipc.encode(self.status(header))])
-        elif op == "metrics":  # for a front whose process does not share metric files
-            text = self.registry.metrics.render().decode()
-            reply = {"op": "metrics", "id": header["id"], "text": text}
-            self._send([identity.bytes, *ipc.encode(reply)])
-
-    def _send(self, frames: list) -> None:
-        self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
 
     def _submit(self, identity: bytes, header: dict, tensors: dict) -> None:
         key = (identity, header["id"])
@@ -186,7 +206,7 @@ class EngineServer:
             job = ipc.read_job(header, tensors, served.model.device)
             release = engine.reserve(job.rows)
         except ServiceError as exc:
-            self._send([identity, *ipc.error_message(header["id"], exc)])
+            self.socket.send_multipart([identity, *ipc.error_message(header["id"], exc)])
             return
         if header["timeout_s"] is not None:
             job.deadline = engine.clock() + header["timeout_s"]
@@ -202,10 +222,10 @@ class EngineServer:
                 if not isinstance(error, ServiceError):  # a fault of this process
                     error = ModelFailed(one_line(error))
                 reply = ipc.error_message(header["id"], error)
-            if threading.get_ident() == self.driver_ident:
-                self._send([identity, *reply])
-            else:  # the socket is the driver's
-                self.outbox.append([identity, *reply])
+            if threading.current_thread() is self.driver:
+                self.socket.send_multipart([identity, *reply], copy=False)
+            else:  # the jobs socket is the driver's: this answer goes by the control socket
+                self.loop.call_soon_threadsafe(self.control.send, [identity, *reply])
 
         job.on_done = done
         self.jobs[key] = job
@@ -247,6 +267,13 @@ class EngineServer:
             "refused": registry.refused,
             "models": models,
         }
+
+
+def _bound(context: zmq.Context, address: str) -> zmq.Socket:
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.bind(address)
+    return socket
 
 
 @dataclass

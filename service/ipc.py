@@ -69,6 +69,12 @@ class Channel:
             self.socket.close(linger=0)
 
 
+def control_address(address: str) -> str:
+    """The engine process's second socket, beside its jobs socket at `address`: status, metrics,
+    and the answers its driver thread cannot send (`service.engine_process`)."""
+    return address + ".control"
+
+
 def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list:
     """Frames of a message: the header (with the tensors' names, dtypes and shapes), then each
     tensor's bytes (a memoryview of its CPU copy, sent without another copy)."""

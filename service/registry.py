@@ -88,11 +88,12 @@ class Registry(ModelLookup):
         metrics: Metrics,
         *,
         on_fatal: Callable[[str], None] | None = None,
-        driven: bool = False,
+        start_engine: Callable[[Engine], None] | None = None,
     ):
         self.settings = settings
-        self.driven = driven
-        """Engines are not started: their owner drives them (`Engine.turn`)."""
+        self.start_engine = start_engine or Engine.start
+        """How a new engine starts: on a thread of its own, unless its owner drives it
+        (`service.engine_process`)."""
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.served: dict[str, Served] = {}
@@ -123,9 +124,8 @@ class Registry(ModelLookup):
             if self.closed:
                 return
             engine = self._engine(model)
-            if not self.driven:
-                engine.start()
             self.served[name] = Served(model, engine, self.metrics)
+            self.start_engine(engine)
         if settings.default_model and settings.default_model not in self.served:
             log.error(
                 "default model %s is not loaded; using the first in name order",
@@ -240,8 +240,7 @@ class Registry(ModelLookup):
         )
         served.recovering = reason
         served.engine = self._engine(served.model)
-        if not self.driven:
-            served.engine.start()
+        self.start_engine(served.engine)
         self.metrics.engine_restarts.labels(name).inc()
 
     async def _probe(self, name: str, served: Served) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class EngineGone(EngineFailed):
 
 
 class Link:
-    """One front's socket to the engine process: requests by id, replies dispatched to them."""
+    """One front's sockets to the engine process, requests by id and replies dispatched to them:
+    jobs and their cancels go to the engine's driver, status and metrics questions to its
+    control socket; an answer may come back on either."""
 
     def __init__(self, address: str, on_gone: Callable[[str], None]):
         self.address = address
@@ -52,20 +55,29 @@ class Link:
         self.waiting: dict[int, asyncio.Future] = {}
         self.ids = itertools.count()
         self.gone: str | None = None
+        # Both sockets carry this name, so the engine process can answer on either.
+        self.identity = f"front-{os.getpid()}-{secrets.token_hex(4)}".encode()
         self.channel: ipc.Channel | None = None
+        self.control: ipc.Channel | None = None
         self.watching: ipc.Channel | None = None
 
     def start(self) -> None:
-        """Connect (in the running loop, which then reads the socket)."""
-        socket = self.context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
+        """Connect (in the running loop, which then reads the sockets)."""
+        jobs = self._socket(self.address)
         # Told at once when the engine process's end of the socket goes away (it exited).
-        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        socket.connect(self.address)
-        self.channel = ipc.Channel(socket, self._receive)
+        monitor = jobs.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.channel = ipc.Channel(jobs, self._receive)
+        self.control = ipc.Channel(self._socket(ipc.control_address(self.address)), self._receive)
         self.watching = ipc.Channel(
             monitor, lambda _: self.on_gone("the engine process closed its socket (it exited)")
         )
+
+    def _socket(self, address: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self.identity)
+        socket.connect(address)
+        return socket
 
     def _receive(self, frames: list) -> None:
         header, tensors = ipc.decode(frames)
@@ -83,7 +95,12 @@ class Link:
         return request_id, future
 
     def send(self, frames: list) -> None:
+        """To the driver: a job, or a cancel."""
         self.channel.send(frames)
+
+    def ask(self, frames: list) -> None:
+        """To the control socket: a status or metrics question."""
+        self.control.send(frames)
 
     def forget(self, request_id: int) -> None:
         self.waiting.pop(request_id, None)
@@ -100,6 +117,7 @@ class Link:
         if self.channel is not None:
             self.channel.socket.disable_monitor()
             self.watching.close()
+            self.control.close()
             self.channel.close()
         self.context.term()
 
@@ -232,7 +250,7 @@ class RemoteRegistry(ModelLookup):
     async def _ask(self, question: dict[str, Any]) -> dict[str, Any]:
         request_id, reply = self.link.expect()
         try:
-            self.link.send(ipc.encode({**question, "id": request_id}))
+            self.link.ask(ipc.encode({**question, "id": request_id}))
             header, _ = await asyncio.wait_for(reply, STATUS_TIMEOUT_S)
         finally:
             self.link.forget(request_id)

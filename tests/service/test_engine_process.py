@@ -20,7 +20,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, free_port, service_command, wait_ready, write_model_dir
+from conftest import (
+    REPO_ROOT,
+    free_port,
+    service_command,
+    wait_ready,
+    write_model_dir,
+    write_module_dir,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import ipc
@@ -90,6 +97,65 @@ def tiny_dir(tmp_path: Path) -> Path:
 def engine_pid(url: str) -> int:
     """The engine process, as /readyz names it."""
     return int(httpx.get(f"{url}/readyz").headers["X-Flow-Engine-Pid"])
+
+
+class HangsOnMarker(torch.nn.Module):
+    """v = -x + t, except that a pass whose first row is (777, n) counts to n million first: with n in
+    the billions, a pass that does not return (for minutes)."""
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if bool(x[0, 0] == 777.0):
+            n = int(x[0, 1]) * 1_000_000
+            i = 0
+            while i < n:
+                i += 1
+            return -x + t + 0.0 * float(i)
+        return -x + t
+
+
+def euler_of_hangs(x0: list[list[float]], num_steps: int) -> np.ndarray:
+    x = np.asarray(x0, dtype=np.float64)
+    h = 1.0 / num_steps
+    for k in range(num_steps):
+        x = x + h * (-x + k * h)
+    return x
+
+
+@pytest.mark.e2e
+def test_a_pass_that_never_returns_is_given_up_and_the_engine_process_serves_on(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "models"
+    source = {"means": [[0.0, 0.0]], "covs": [[[1.0, 0.0], [0.0, 1.0]]], "weights": [1.0]}
+    write_module_dir(root, "hangs", HangsOnMarker(), source, dim=2)
+    settings = {"FLOW_ENGINE_STALL_S": "1", "FLOW_WATCHDOG_INTERVAL_S": "0.1"}
+    with server(root, tmp_path, **settings) as (url, process, log):
+        pid = engine_pid(url)
+        started = time.monotonic()
+        stuck = httpx.post(
+            f"{url}/sample", json={"x0": [[777.0, 4000.0]], "num_steps": 2}, timeout=60
+        )
+        waited = time.monotonic() - started
+        # The watchdog gave the stuck pass up: its request has its 503 (sent by the control
+        # socket: the driver that would send it is the one stuck).
+        assert stuck.status_code == 503, stuck.text
+        assert stuck.headers["retry-after"] == "1"
+        assert stuck.json()["detail"].startswith("model hangs: its engine failed (no pass ")
+        assert waited < 10, waited
+        # A new driver serves the replacement: the same engine process answers, exactly.
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(f"{url}/readyz").text
+            time.sleep(0.05)
+        x0 = [[1.0, 2.0], [-0.5, 0.25]]
+        again = httpx.post(f"{url}/sample", json={"x0": x0, "num_steps": 8}, timeout=60)
+        assert again.status_code == 200, again.text
+        np.testing.assert_allclose(again.json()["samples"], euler_of_hangs(x0, 8), rtol=1e-5)
+        assert engine_pid(url) == pid
+        assert process.poll() is None
+        text = log.read_text()
+    assert "engine process: the driver is stuck in a pass; a new driver takes over" in text
+    assert "engine of model hangs stalled" in text
 
 
 @pytest.mark.e2e
