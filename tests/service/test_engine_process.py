@@ -100,8 +100,8 @@ def engine_pid(url: str) -> int:
 
 
 class HangsOnMarker(torch.nn.Module):
-    """v = -x + t, except that a pass whose first row is (777, n) counts to n million first: with n in
-    the billions, a pass that does not return (for minutes)."""
+    """v = -x + t, except that a pass whose first row is (777, n) counts to n million first:
+    with n in the thousands, a pass that does not return (for minutes)."""
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if bool(x[0, 0] == 777.0):

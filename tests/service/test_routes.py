@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import multivariate_normal
 
 from service.app import create_app
+from service.mixture import GaussianMixture
 from service.settings import Settings
 from service.solvers import integrate
 
@@ -187,6 +188,14 @@ def test_sample_equals_an_independent_euler_loop(client: TestClient, modules) ->
     samples = tensor(post_ok(client, "/sample", seeded).json()["samples"])
     expected = euler_reference(modules["post"], tensor(start), 10)
     torch.testing.assert_close(samples, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_seed_gives_the_sources_own_draw(client: TestClient, models_dir: Path) -> None:
+    seeded = {"model": "odd", "num_samples": 40, "num_steps": 2, "stride": 2, "seed": 21}
+    start = post_ok(client, "/trajectory", seeded).json()["trajectory"][0]
+    source = json.loads((models_dir / "odd" / "manifest.json").read_text())["source"]
+    expected = GaussianMixture.from_spec(source).sample(40, torch.Generator().manual_seed(21))
+    torch.testing.assert_close(tensor(start), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny", "post", "odd"])
