@@ -1,4 +1,4 @@
-"""The engine process: every model's engine in a process of its own, behind a ZeroMQ socket.
+"""The engine process: every model's engine in a process of its own, behind ZeroMQ sockets.
 
 `python -m service` with FLOW_ENGINE=process starts this process first, then the HTTP fronts
 (FLOW_HTTP_WORKERS of them), which reach it through `service.remote`. It loads the models as the
@@ -6,9 +6,11 @@ in-process service does (`service.registry`: checks, refusals, warm-up, the engi
 every request of every front is batched with every other at step level, and its Python shares no
 interpreter lock with the fronts' HTTP work.
 
-Messages (`service.ipc`): "submit" a job (admitted against the bounded queue of its model's
-engine, or refused with its error), "cancel" one (the client went away, or its deadline passed),
-"status" (readiness, each model's queue, health and counters, and once the manifests).
+Two sockets (`service.ipc`). The jobs socket belongs to the driver thread: "submit" a job
+(admitted against the bounded queue of its model's engine, or refused with its error), "cancel"
+one (the client went away, or its deadline passed), and each job's answer. The control socket
+belongs to the process's asyncio loop: "status" (readiness, each model's queue, health and
+counters, and once the manifests), "metrics", and the answers the driver could not send.
 """
 
 from __future__ import annotations
