@@ -48,6 +48,18 @@ SOURCE = {"means": [[0.0, 0.0]], "covs": [np.eye(2).tolist()], "weights": [1.0]}
 # ------------------------------------------------------------------------ models that fail
 
 
+@pytest.fixture(autouse=True)
+def fuser_off_at_start():
+    """The oneDNN fuser switch is process-wide, and a model loaded by an earlier test may have
+    turned it on. The engines built by hand here run raw scripted modules that nothing checked
+    under it (the loader checks every model it loads), so each test starts with it off and
+    leaves it as it found it."""
+    was_on = torch._C._jit_llga_enabled()
+    torch.jit.enable_onednn_fusion(False)
+    yield
+    torch.jit.enable_onednn_fusion(was_on)
+
+
 class FiveRowsOnly(torch.nn.Module):
     """Works on the 5-row probe only: reshape(5, 1) fails at any other batch size."""
 
