@@ -510,21 +510,21 @@ class Engine:
             elif job.deadline is not None and now > job.deadline:
                 self._fail(job, DeadlineExceeded("deadline passed"), reason="deadline")
 
-    def _select(self) -> tuple[list[Unit], bool]:
-        """Every unit when all fit in a pass (and True), else a fair share
-        (`service.scheduler`)."""
+    def _select(self) -> tuple[list[Unit], int | None]:
+        """Every unit when all fit in a pass, with their network rows; else a fair share
+        (`service.scheduler`) and None."""
         total = sum(lane.rows * lane.evaluations for lane in self._lanes.values())
         if total <= self.max_batch_rows:
-            return [u for units in self._units.values() for u in units], True
+            return [u for units in self._units.values() for u in units], total
         jobs = [job for job in self._jobs if self._units[job]]
         start = next(self._rotation) % len(jobs)
-        return fair_share(self._units, jobs[start:] + jobs[:start], self.max_batch_rows), False
+        return fair_share(self._units, jobs[start:] + jobs[:start], self.max_batch_rows), None
 
     def _pass(self) -> None:
-        selected, everything = self._select()
-        if everything:  # every unit of every lane: no grouping, and the counts are at hand
+        selected, cost = self._select()
+        everything = cost is not None
+        if everything:  # every unit of every lane: no grouping, and the cost is at hand
             by_lane = {lane: lane.units for lane in self._lanes.values() if lane.units}
-            cost = sum(lane.rows * lane.evaluations for lane in by_lane)
         else:
             by_lane = {}
             for unit in selected:

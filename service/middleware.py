@@ -34,6 +34,25 @@ async def _send_error(send: Send, status: int, detail: str, headers: dict[str, s
     await send({"type": "http.response.body", "body": body})
 
 
+def replaying(message: Message, receive: Receive) -> Receive:
+    """`receive` for the app behind a middleware that has read the body: `message` first, then
+    what `receive` gives (the disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return message
+        return await receive()
+
+    return replay
+
+
+def _whole(body: bytes) -> Message:
+    return {"type": "http.request", "body": body, "more_body": False}
+
+
 class AccessLog:
     """Counts, times and logs every HTTP request as one JSON line."""
 
@@ -168,16 +187,7 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(_whole(body), receive), send)
 
 
 NPY_FIELDS = {
@@ -231,14 +241,6 @@ class NpyBody:
             return
         fields[name] = NPY_POINTS
         body = orjson.dumps(fields)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
         rewritten = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
@@ -249,7 +251,7 @@ class NpyBody:
         ]
         token = npy_points.set(array)
         try:
-            await self.app({**scope, "headers": rewritten}, replay, send)
+            await self.app({**scope, "headers": rewritten}, replaying(_whole(body), receive), send)
         finally:
             npy_points.reset(token)
 

@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import sampling
 from service.encoding import (
@@ -26,6 +26,7 @@ from service.encoding import (
 )
 from service.errors import ModelNotFound, NotAcceptable, NotReady, ServiceError
 from service.metrics import shared as shared_metrics
+from service.middleware import replaying
 from service.registry import Registry
 from service.remote import RemoteRegistry
 from service.schemas import (
@@ -345,13 +346,13 @@ class DirectPosts:
         if message["type"] != "http.request":
             return  # the client left before sending its body
         if message.get("more_body", False):  # not one piece (BodyLimit gives it whole)
-            await self.app(scope, _replay(message, receive), send)
+            await self.app(scope, replaying(message, receive), send)
             return
         verb, model, with_accept = post
         try:
             req = model.model_validate(orjson.loads(message.get("body", b"")))
         except (orjson.JSONDecodeError, ValidationError):
-            await self.app(scope, _replay(message, receive), send)
+            await self.app(scope, replaying(message, receive), send)
             return
         request = Request(scope, receive)
         app = scope["app"]
@@ -363,17 +364,3 @@ class DirectPosts:
         except ServiceError as exc:
             response = await app.exception_handlers[ServiceError](request, exc)
         await response(scope, receive, send)
-
-
-def _replay(message: Message, receive: Receive) -> Receive:
-    """`receive` that first gives back `message`, already read."""
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return message
-        return await receive()
-
-    return replay
