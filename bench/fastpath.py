@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     unfused = sorted(VARIANTS, key=lambda name: "onednn" in VARIANTS[name])
     for name in unfused:
         rewrites = VARIANTS[name]
-        modules[name], applied, _ = optimize(field, rewrites)
+        fast = optimize(field, rewrites)
+        modules[name], applied = fast.module, fast.applied
         if name != "as loaded" and applied != list(rewrites):
             print(f"{name}: only {applied} applied")
         if "onednn" not in rewrites:

@@ -19,7 +19,7 @@ import torch
 
 from service.artifact import MANIFEST_FORMAT, NAME_PATTERN, REQUIRED_FIELDS, sha256_of
 from service.errors import ModelFailed, one_line
-from service.fastpath import DEFAULT_REWRITES, optimize
+from service.fastpath import DEFAULT_REWRITES, optimize, row_buckets
 from service.field import Signature, VelocityField
 from service.mixture import GaussianMixture
 
@@ -247,8 +247,10 @@ def load_model(
         )
     field = checked_field(load_module(weights, device), signature, device)
     try:
-        fast = optimize(field, rewrites)
-        field = field.with_graphs(fast.module, small=fast.unfused, small_rows=fused_min_rows)
+        fast = optimize(field, rewrites, row_buckets(fused_min_rows))
+        field = field.with_graphs(
+            fast.module, small=fast.unfused, small_rows=fused_min_rows, planned=fast.planned
+        )
         warm_up(field, warmup_passes, warmup_rows)
     except Exception as exc:
         raise ModelRefused(f"the fast path or warm-up failed: {one_line(exc)}") from None

@@ -160,7 +160,10 @@ def test_a_pass_that_never_returns_is_given_up_and_the_engine_process_serves_on(
 
 @pytest.mark.e2e
 def test_requests_of_two_fronts_share_the_engines_passes(tiny_dir: Path, tmp_path: Path) -> None:
-    with server(tiny_dir, tmp_path, FLOW_HTTP_WORKERS="2") as (url, _, _):
+    # Each request runs for a second or more, so the last comes while the first still runs.
+    steps = 30_000
+    settings = {"FLOW_HTTP_WORKERS": "2", "FLOW_MAX_STEPS": str(steps)}
+    with server(tiny_dir, tmp_path, **settings) as (url, _, _):
 
         async def storm() -> list[httpx.Response]:
             # One connection per request, a few ms apart: a burst of connects at once is taken
@@ -168,7 +171,8 @@ def test_requests_of_two_fronts_share_the_engines_passes(tiny_dir: Path, tmp_pat
             async def one(seed: int) -> httpx.Response:
                 await asyncio.sleep(0.02 * seed)
                 async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                    return await client.post("/sample", json={**LONG, "seed": seed})
+                    body = {**LONG, "num_steps": steps, "seed": seed}
+                    return await client.post("/sample", json=body)
 
             return await asyncio.gather(*(one(seed) for seed in range(24)))
 

@@ -51,8 +51,11 @@ class InnerConcat(torch.nn.Module):
 
 
 def optimize(module, dim: int, rewrites=fastpath.DEFAULT_REWRITES):
-    """`fastpath.optimize` on the field of a plain (t, x) model of dimension `dim`."""
-    return optimize_field(VelocityField(Signature(dim, (dim,)), module), rewrites)
+    """`fastpath.optimize` on the field of a plain (t, x) model of dimension `dim`: (graph,
+    rewrites applied, unfused copy)."""
+    fast = optimize_field(VelocityField(Signature(dim, (dim,)), module), rewrites)
+    assert fast.planned is None  # no row counts asked for
+    return fast.module, fast.applied, fast.unfused
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +148,36 @@ def test_onednn_fuses_the_graph_and_keeps_an_unfused_copy_for_small_passes() -> 
     expected, _ = outputs(loaded, 2)
     torch.testing.assert_close(outputs(unfused, 2)[0], expected, rtol=0, atol=0)
     torch.testing.assert_close(outputs(fast, 2)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_row_count_asked_for_gets_its_own_fused_copy_planned_for_it() -> None:
+    torch.manual_seed(0)
+    loaded = torch.jit.script(PostFlow(2).eval())
+    field = VelocityField(Signature(2, (2,)), loaded)
+    fast = optimize_field(field, ("freeze", "onednn"), buckets=(64, 512))
+    assert fast.applied == ["freeze", "onednn"]
+    assert sorted(fast.planned) == [64, 512]
+    copies = {id(fast.module), id(fast.unfused), *(id(copy) for copy in fast.planned.values())}
+    assert len(copies) == 4  # each its own graph executor, so its own plans
+    for rows, copy in fast.planned.items():
+        assert fused_groups(copy, 2, rows) >= 4
+        t, x = torch.rand(rows, 1), 4 * torch.randn(rows, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(copy(t, x), loaded(t, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_planned_copy_that_changes_the_numbers_drops_the_fused_graph(monkeypatch, caplog) -> None:
+    close = fastpath._close
+    # The probes agree; the copy planned for 512 rows does not.
+    monkeypatch.setattr(fastpath, "_close", lambda got, want: close(got, want) and len(got) != 512)
+    loaded = torch.jit.script(PostFlow(2).eval())
+    field = VelocityField(Signature(2, (2,)), loaded)
+    with caplog.at_level(logging.WARNING, logger="flowserve.fastpath"):
+        fast = optimize_field(field, ("freeze", "onednn"), buckets=(64, 512))
+    assert (fast.applied, fast.unfused, fast.planned) == (["freeze"], None, None)
+    assert "output differs from the unfused graph at 512 rows" in caplog.text
+    assert not torch._C._jit_llga_enabled()
+    assert fused_groups(fast.module, 2, 300) == 0
 
 
 def test_onednn_is_not_reported_when_the_fuser_finds_nothing() -> None:

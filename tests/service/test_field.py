@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from service.errors import ModelFailed
-from service.field import Condition, Signature, VelocityField
+from service.fastpath import row_buckets
+from service.field import CALL_ROWS, Condition, Signature, VelocityField, bucket_plan
 
 BASE = {"dim": 2}
 
@@ -127,6 +128,58 @@ def test_small_passes_take_the_small_graph() -> None:
     # guided: 2 x 4 = 8 network rows, the large graph
     field(torch.rand(4, 1), torch.randn(4, 2), torch.ones(4, 1), torch.full((4, 1), 2.0))
     assert (small.calls, large.calls) == ([3, 4], [8, 8])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 17, 31, 33, 64, 65, 100, 129, 200, 333])
+def test_planned_copies_each_see_only_their_own_row_count(rows: int) -> None:
+    buckets = (8, 16, 32, 64)
+    planned = {bucket: Counter() for bucket in buckets}
+    small = Counter()
+    condition = Condition("class", 1, ("a", "b", "c"), (0.0,))
+    signature = Signature(2, (2,), ("t", "x", "c"), (-1, 1), condition)
+    field = VelocityField(signature, Counter(), small=small, small_rows=4, planned=planned)
+    t, x = torch.rand(rows, 1), torch.randn(rows, 2)
+    labels = (torch.arange(rows) % 3).to(torch.float32).unsqueeze(1)
+    torch.testing.assert_close(field(t, x, labels), x * labels, rtol=0, atol=0)
+    # guided, w = 2 and null class 0 (v = 0): 2 l x, in one call of 2 x rows network rows
+    guided = field(t, x, labels, torch.full((rows, 1), 2.0))
+    torch.testing.assert_close(guided, 2 * x * labels, rtol=0, atol=0)
+    for bucket, counter in planned.items():
+        assert set(counter.calls) <= {bucket}
+    network_rows = (rows, 2 * rows)
+    assert small.calls == [n for n in network_rows if n < 4]
+    calls = sum(len(bucket_plan(n, buckets)) for n in network_rows if n >= 4)
+    assert sum(len(counter.calls) for counter in planned.values()) == calls
+
+
+def least_costs(rows: int, buckets: tuple[int, ...]) -> list[int]:
+    """The least cost of covering each row count up to `rows` with calls of bucket sizes (each
+    costing its bucket plus CALL_ROWS), by dynamic programming over every way to do it."""
+    best = [0] * (rows + 1)
+    for n in range(1, rows + 1):
+        best[n] = min(b + CALL_ROWS + best[max(0, n - b)] for b in buckets)
+    return best
+
+
+@pytest.mark.parametrize(("min_rows", "smallest"), [(0, 16), (128, 128), (1000, 1024)])
+def test_a_pass_is_planned_at_the_least_cost(min_rows: int, smallest: int) -> None:
+    buckets = row_buckets(min_rows)
+    assert buckets == tuple(2**k for k in range(smallest.bit_length() - 1, 15))
+    best = least_costs(20_000, buckets)
+    for rows in [*range(1, 2100), 16_383, 16_384, 16_385, 20_000]:
+        plan = bucket_plan(rows, buckets)
+        assert sum(taken for taken, _ in plan) == rows
+        assert all(0 < taken <= bucket and bucket in buckets for taken, bucket in plan)
+        assert all(taken == bucket for taken, bucket in plan[:-1])  # only the last is padded
+        assert sum(bucket + CALL_ROWS for _, bucket in plan) == best[rows]
+    assert bucket_plan(40_000, buckets)[:2] == ((16_384, 16_384),) * 2
+
+
+def test_a_pass_just_under_a_bucket_is_padded_and_one_just_over_is_split() -> None:
+    buckets = row_buckets(128)
+    assert buckets == (128, 256, 512, 1024, 2048, 4096, 8192, 16_384)
+    assert bucket_plan(1008, buckets) == ((1008, 1024),)
+    assert bucket_plan(1040, buckets) == ((1024, 1024), (16, 128))
 
 
 @pytest.mark.parametrize(

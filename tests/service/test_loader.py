@@ -85,6 +85,28 @@ def test_the_bundled_model_is_served_fused_with_an_unfused_copy(monkeypatch) -> 
         torch.testing.assert_close(model.field.small(t, x), expected, rtol=0, atol=0)
 
 
+def test_the_bundled_model_serves_every_row_count_from_copies_planned_for_powers_of_two(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(fastpath, "_speedup", lambda *_: 2.0)
+    model = load_model(REPO_ROOT / "models" / "four-gaussians", CPU, fused_min_rows=128)
+    field = model.field
+    assert sorted(field.planned) == [128, 256, 512, 1024, 2048, 4096, 8192, 16_384]
+    for rows, copy in field.planned.items():  # each was planned fused, for its own row count
+        t, x = torch.rand(rows, 1), torch.randn(rows, 2)
+        with torch.no_grad():
+            copy(t, x)
+        plan = str(torch.jit.last_executed_optimized_graph())
+        assert fastpath.FUSION_GROUP in plan
+        assert f"Float({rows}, " in plan
+    eager = VelocityMLP(2, hidden=64, layers=3).eval()
+    eager.load_state_dict(field.autograd.state_dict())
+    for rows in (5, 127, 128, 300, 1008, 1040, 16_385):
+        t, x = torch.rand(rows, 1), 3 * torch.randn(rows, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(field(t, x), eager(t, x), rtol=1e-5, atol=1e-5)
+
+
 def test_optimisation_can_be_turned_off(tmp_path: Path) -> None:
     model = load_model(write_model_dir(tmp_path, "tiny"), CPU, rewrites=())
     assert model.optimizations == []
