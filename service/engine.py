@@ -711,8 +711,9 @@ class Engine:
         return True
 
     def _remove(self, job: Job) -> None:
-        if job in self._units:
-            for unit in self._units.pop(job):
+        units = self._units.pop(job, None)
+        if units:  # a finished job's units have left their lanes already
+            for unit in units:
                 unit.dead = True
             for lane in self._lanes.values():
                 lane.compact()

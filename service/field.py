@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -232,16 +233,26 @@ def _cheapest(rows: int, buckets: tuple[int, ...]) -> tuple[int, tuple[tuple[int
     return best
 
 
-def _padded(value: torch.Tensor, rows: int) -> torch.Tensor:
-    """`value` (a piece of a pass) with `rows` rows: its last row repeated, a valid input of any
-    model (a time, a point, a class), whose output is dropped."""
-    have = value.shape[0]
-    if have == rows:
-        return value
-    out = value.new_empty((rows, *value.shape[1:]))
-    out[:have] = value
-    out[have:] = value[have - 1]
-    return out
+class _Padding(threading.local):
+    """Each thread's input buffers for padded calls, by (row count, argument, dtype, trailing
+    shape, device): a padded piece costs one copy into the head of its buffer. Rows past it keep
+    what an earlier pass put there, or the first piece's last row: valid inputs of any model (a
+    time, a point, a class), whose outputs are dropped."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def pad(self, value: torch.Tensor, rows: int, position: int) -> torch.Tensor:
+        have = value.shape[0]
+        if have == rows:
+            return value
+        key = (rows, position, value.dtype, value.shape[1:], value.device)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = value.new_empty((rows, *value.shape[1:]))
+            buffer[have:] = value[have - 1]
+        buffer[:have] = value
+        return buffer
 
 
 def _in_buckets(planned: Mapping[int, Graph]) -> Graph:
@@ -254,6 +265,7 @@ def _in_buckets(planned: Mapping[int, Graph]) -> Graph:
     count as requests come and go; this way each copy only ever sees its own."""
     buckets = tuple(sorted(planned))
     graphs = {rows: _bound(graph) for rows, graph in planned.items()}
+    padding = _Padding()
 
     def run(*args: torch.Tensor) -> Any:
         rows = args[0].shape[0]
@@ -263,10 +275,14 @@ def _in_buckets(planned: Mapping[int, Graph]) -> Graph:
         outs = []
         start = 0
         for taken, bucket in plan:
-            out = graphs[bucket](*(_padded(a[start : start + taken], bucket) for a in args))
+            pieces = [padding.pad(a[start : start + taken], bucket, i) for i, a in enumerate(args)]
+            out = graphs[bucket](*pieces)
             if type(out) is not torch.Tensor or out.shape[:1] != (bucket,):
                 return out  # the caller's checks say what is wrong with it
-            outs.append(out[:taken])
+            out = out[:taken]
+            if any(out.data_ptr() == piece.data_ptr() for piece in pieces):
+                out = out.clone()  # the model returned (a view of) its input: a reused buffer
+            outs.append(out)
             start += taken
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -152,6 +152,23 @@ def test_planned_copies_each_see_only_their_own_row_count(rows: int) -> None:
     assert sum(len(counter.calls) for counter in planned.values()) == calls
 
 
+def test_an_answer_that_is_the_models_input_survives_the_next_pass() -> None:
+    # Padded pieces go through reused buffers: an answer that is its input must not be one.
+    calls = []
+
+    def identity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x
+
+    field = VelocityField(Signature(2, (2,)), identity, planned={8: identity, 16: identity})
+    first_x, second_x = torch.randn(5, 2), torch.randn(6, 2)
+    first = field(torch.rand(5, 1), first_x)
+    second = field(torch.rand(6, 1), second_x)
+    assert calls == [8, 8]
+    torch.testing.assert_close(first, first_x, rtol=0, atol=0)
+    torch.testing.assert_close(second, second_x, rtol=0, atol=0)
+
+
 def least_costs(rows: int, buckets: tuple[int, ...]) -> list[int]:
     """The least cost of covering each row count up to `rows` with calls of bucket sizes (each
     costing its bucket plus CALL_ROWS), by dynamic programming over every way to do it."""
