@@ -81,7 +81,9 @@ def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = Non
     specs = []
     frames: list[Any] = [b""]
     for name, tensor in (tensors or {}).items():
-        array = tensor.detach().to("cpu").contiguous().numpy()
+        if tensor.device.type != "cpu" or tensor.requires_grad or not tensor.is_contiguous():
+            tensor = tensor.detach().to("cpu").contiguous()
+        array = tensor.numpy()
         specs.append({"name": name, "dtype": array.dtype.name, "shape": array.shape})
         frames.append(memoryview(array).cast("B"))
     frames[0] = orjson.dumps({**header, "tensors": specs})

@@ -97,6 +97,7 @@ class Registry(ModelLookup):
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.served: dict[str, Served] = {}
+        self._gauges: dict[str, tuple[Any, Any]] = {}
         self.refused: dict[str, str] = {}
         self.default: str | None = None
         self.ready = False
@@ -184,9 +185,13 @@ class Registry(ModelLookup):
     def refresh_gauges(self, served: Served | None = None) -> None:
         """Set the queue gauges of `served`'s model, or of every model."""
         for one in self.served.values() if served is None else [served]:
-            name = one.model.name
-            self.metrics.queue_rows.labels(name).set(one.engine.queued_rows)
-            self.metrics.queue_requests.labels(name).set(one.engine.queued_jobs)
+            gauges = self._gauges.get(one.model.name)
+            if gauges is None:  # labels() takes a lock and a lookup: once per model
+                name, metrics = one.model.name, self.metrics
+                gauges = metrics.queue_rows.labels(name), metrics.queue_requests.labels(name)
+                self._gauges[name] = gauges
+            gauges[0].set(one.engine.queued_rows)
+            gauges[1].set(one.engine.queued_jobs)
 
     # ------------------------------------------------------------------ watchdog
 
