@@ -213,9 +213,11 @@ def optimize(
     probes = [_probe(field, rows) for rows in FUSION_PROBE_ROWS]
     torch.jit.enable_onednn_fusion(False)
     unfused = _rewritten(field, applied)
-    expected = [_run_until_planned(field.with_graphs(unfused), probe)[0] for probe in probes]
+    unfused_field = field.with_graphs(unfused)
+    expected = [_run_until_planned(unfused_field, probe)[0] for probe in probes]
+    bucket_probes = {rows: _probe(field, rows) for rows in buckets}
     with torch.no_grad():
-        by_bucket = {rows: field.with_graphs(unfused)(*_probe(field, rows)) for rows in buckets}
+        by_bucket = {rows: unfused_field(*probe) for rows, probe in bucket_probes.items()}
     torch.jit.enable_onednn_fusion(True)
     fused = _rewritten(field, applied)
     _concat_in_aten(fused.graph, field.signature)
@@ -249,7 +251,7 @@ def optimize(
     for bucket, want in by_bucket.items():
         copy = _rewritten(field, applied)
         _concat_in_aten(copy.graph, field.signature)
-        got, _ = _run_until_planned(field.with_graphs(copy), _probe(field, bucket))
+        got, _ = _run_until_planned(field.with_graphs(copy), bucket_probes[bucket])
         if not _close(got, want):
             log.warning(
                 "graph rewrite onednn skipped: output differs from the unfused graph at %d "

@@ -208,8 +208,9 @@ runs as one padded call or as several, whichever costs fewer rows counting this 
 @functools.lru_cache(maxsize=4096)
 def bucket_plan(rows: int, buckets: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """How `rows` rows run on graphs planned for the row counts `buckets` (ascending) only:
-    pieces (rows taken, bucket run), in order, each piece's rows padded up to its bucket. The
-    plan puts the fewest rows through the network, counting CALL_ROWS for each call."""
+    pieces (rows taken, bucket run), in order, each piece's rows padded up to its bucket. For
+    buckets that are powers of two (`fastpath.row_buckets`), the plan puts the fewest rows
+    through the network, counting CALL_ROWS for each call."""
     largest = buckets[-1]
     whole, rows = divmod(rows, largest)
     pieces = ((largest, largest),) * whole
