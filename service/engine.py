@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -141,12 +142,16 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """final: (n, m) end state on the CPU; trajectory: (kept, n, dim) on the CPU, or None;
-    finite: False when either holds NaN or infinity."""
+    """final: (n, m) end state on the CPU; trajectory: (kept, n, dim) on the CPU, or None."""
 
     final: torch.Tensor
     trajectory: torch.Tensor | None
-    finite: bool
+
+    @functools.cached_property
+    def finite(self) -> bool:
+        """False when the answer holds NaN or infinity. Checked where the answer is read (the
+        HTTP side), not on the engine's thread, which has every other request's passes to run."""
+        return _finite(self.final if self.trajectory is None else self.trajectory)
 
 
 @dataclass
@@ -722,11 +727,9 @@ class Engine:
 
     def _finish(self, job: Job) -> None:
         self._remove(job)
-        states = job.final if job.trajectory is None else job.trajectory
         result = JobResult(
             final=job.final.cpu(),
             trajectory=job.trajectory.cpu() if job.trajectory is not None else None,
-            finite=_finite(states),
         )
         job.final = job.trajectory = None
         self.stats.jobs_done += 1

@@ -43,6 +43,9 @@ from service.settings import Settings
 log = logging.getLogger("flowserve.engine_process")
 
 
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+"""Plain ints: pyzmq's enum members cost an enum construction per use, once per pass here."""
+
 IDLE_POLL_MS = 20
 """How long the driver waits on its socket when no engine has work: the longest a job queued
 from elsewhere (the watchdog's probe of a restarted engine) waits to be seen."""
@@ -150,7 +153,7 @@ class EngineServer:
     def _drive(self) -> None:
         torch.set_grad_enabled(False)  # thread-local, as on an engine's own thread
         me = threading.current_thread()
-        socket, clock = self.socket, time.monotonic
+        socket, clock, metrics = self.socket, time.monotonic, self.registry.metrics
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         try:
@@ -158,10 +161,12 @@ class EngineServer:
                 self.beat = clock()
                 engines = [served.engine for served in list(self.registry.served.values())]
                 if any(engine.has_work for engine in engines):
-                    if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no system call
+                    if socket.get(EVENTS) & POLLIN:  # no system call
                         self._read()
-                elif poller.poll(IDLE_POLL_MS):
-                    self._read()
+                else:
+                    metrics.flush()  # idle: the last passes' figures reach /metrics now
+                    if poller.poll(IDLE_POLL_MS):
+                        self._read()
                 for engine in engines:
                     if not engine.has_work:
                         engine.last_progress = clock()  # idle is not stalled
@@ -243,6 +248,7 @@ class EngineServer:
         # Also set as jobs come and go, but such a read can be short (Engine.queued_jobs): the
         # fronts' polls keep /metrics from staying stale longer than a poll.
         registry.refresh_gauges()
+        registry.metrics.flush()
         models = {}
         for name, served in registry.served.items():
             engine, stats = served.engine, served.engine.stats

@@ -163,11 +163,11 @@ def result_message(job_id: int, result: JobResult) -> list:
     tensors = {"final": result.final}
     if result.trajectory is not None:
         tensors["trajectory"] = result.trajectory
-    return encode({"op": "result", "id": job_id, "finite": result.finite}, tensors)
+    return encode({"op": "result", "id": job_id}, tensors)
 
 
 def read_result(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> JobResult:
-    return JobResult(tensors["final"], tensors.get("trajectory"), header["finite"])
+    return JobResult(tensors["final"], tensors.get("trajectory"))
 
 
 def error_message(job_id: int, error: BaseException) -> list:

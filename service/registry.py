@@ -148,8 +148,8 @@ class Registry(ModelLookup):
             max_queue_rows=settings.max_queue_rows,
             chunk_rows=settings.chunk_rows,
             single_thread_rows=settings.single_thread_rows,
-            on_pass=self.metrics.pass_rows.labels(name).observe,
-            on_pass_jobs=self.metrics.pass_requests.labels(name).observe,
+            on_pass=self.metrics.tally(self.metrics.pass_rows, name).observe,
+            on_pass_jobs=self.metrics.tally(self.metrics.pass_requests, name).observe,
             on_drop=lambda reason, rows: self.metrics.rows_dropped.labels(name, reason).inc(rows),
             on_model_error=self.metrics.model_errors.labels(name).inc,
         )

@@ -334,9 +334,12 @@ def test_jobs_results_and_errors_cross_the_wire_intact() -> None:
         torch.device("cpu"),
     )
     assert drawn.z0 == Draw(9, 4) and (drawn.rows, drawn.width) == (4, 2)
-    result = JobResult(torch.arange(6.0).reshape(3, 2), torch.zeros(2, 3, 2), True)
+    result = JobResult(torch.arange(6.0).reshape(3, 2), torch.zeros(2, 3, 2))
     back = ipc.read_result(*ipc.decode(ipc.result_message(3, result)))
     assert torch.equal(back.final, result.final) and torch.equal(back.trajectory, result.trajectory)
+    assert back.finite  # read off the tensors where they arrive
+    nan = JobResult(torch.tensor([[0.0, float("nan")]]), None)
+    assert not ipc.read_result(*ipc.decode(ipc.result_message(4, nan))).finite
     error = ipc.read_error(ipc.decode(ipc.error_message(5, QueueFull(2, 15, 16)))[0])
     assert isinstance(error, QueueFull)
     assert str(error) == str(QueueFull(2, 15, 16))
