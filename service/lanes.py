@@ -20,6 +20,10 @@ from service.solvers import StageRule, Tableau
 if TYPE_CHECKING:
     from service.engine import Job
 
+MOVES = 4
+"""Compaction moves up to this many runs of kept rows one by one (a copy each, of only the rows
+after the first hole); more, and it gathers every kept row at once."""
+
 Slope = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """slope(t (n, 1), y (n, m), block (n, width)) -> (n, m): the field at the stage inputs; the
 block gives access to the rows' other columns (condition, guidance, probes)."""
@@ -185,9 +189,18 @@ class Lane:
             return
         self._full = None
         starts, ends = _runs(alive)
-        if starts and starts != [0]:  # else the rows kept are where they belong already
+        if len(starts) > MOVES:
             kept = self.state.index_select(0, _index(starts, ends, self.device))
             self.state[: kept.shape[0]] = kept
+        else:  # a few runs (a job or two left): each moves down to where the one before ends
+            at = 0
+            for start, end in zip(starts, ends, strict=True):
+                if start != at:
+                    run = self.state[start:end]
+                    if start - at < end - start:  # it overlaps its new place
+                        run = run.clone()
+                    self.state[at : at + end - start] = run
+                at += end - start
         offset = 0
         for unit in alive:
             unit.offset = offset

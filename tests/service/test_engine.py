@@ -25,9 +25,10 @@ from service.engine import (
     QueueFull,
 )
 from service.field import Signature, VelocityField
+from service.lanes import Lane, Layout, Unit
 from service.loader import LoadedModel
 from service.mixture import GaussianMixture
-from service.solvers import integrate, kept_steps
+from service.solvers import get_solver, integrate, kept_steps
 
 DIM = 2
 WAIT_S = 30.0
@@ -425,3 +426,34 @@ async def test_fields_that_ignore_x_have_zero_divergence(module, shift) -> None:
         engine.stop(timeout=WAIT_S)
     torch.testing.assert_close(result.final[:, :DIM], x1 - torch.tensor(shift))
     assert torch.equal(result.final[:, DIM], torch.zeros(5))
+
+
+@pytest.mark.parametrize(
+    "dead",
+    [(0,), (3,), (7,), (2, 3), (1, 4, 6), (0, 2, 4, 6), (1, 2, 3, 4, 5, 6), tuple(range(8))],
+    ids=lambda dead: "dead-" + "-".join(map(str, dead)),
+)
+def test_compaction_keeps_every_live_units_rows_in_order(dead: tuple[int, ...]) -> None:
+    # Units of different sizes, so runs move by less than their length (overlapping copies)
+    # and by more; many holes take the gathering path.
+    layout = Layout.build(DIM, 1)
+    lane = Lane(get_solver("euler"), layout, torch.device("cpu"), lambda t, y, b: y)
+    sizes = [3, 16, 1, 7, 16, 2, 5, 9]
+    units, blocks = [], []
+    for i, rows in enumerate(sizes):
+        unit = Unit(job=None, lane=lane, job_start=0, rows=rows)  # type: ignore[arg-type]
+        z = torch.arange(rows * DIM, dtype=torch.float32).reshape(rows, DIM) + 1000 * i
+        lane.append(unit, z, 0.0, 0.1)
+        units.append(unit)
+        blocks.append(lane.state[unit.offset : unit.offset + rows].clone())
+    for i in dead:
+        units[i].dead = True
+    lane.compact()
+    alive = [i for i in range(len(sizes)) if i not in dead]
+    assert lane.units == [units[i] for i in alive]
+    assert lane.rows == sum(sizes[i] for i in alive)
+    expected = torch.cat([blocks[i] for i in alive]) if alive else blocks[0][:0]
+    assert torch.equal(lane.full(), expected)
+    for i in alive:
+        unit = units[i]
+        assert torch.equal(lane.state[unit.offset : unit.offset + unit.rows], blocks[i])
