@@ -83,6 +83,8 @@ class EngineServer:
         self.driver: threading.Thread | None = None
         self.beat = time.monotonic()
         """When the driver last went round its loop."""
+        self.adopted = 0
+        """Engines started so far (`_adopt`): the driver lists them again when it changes."""
 
     async def serve(self, stopping: asyncio.Event) -> None:
         self.stopping = stopping
@@ -125,6 +127,7 @@ class EngineServer:
         """How the registry starts an engine here: the driver serves every engine of
         `registry.served`. One that comes while the driver has not gone round for
         FLOW_ENGINE_STALL_S replaces the engine whose pass holds the driver: a new driver."""
+        self.adopted += 1  # the driver lists the engines again
         if time.monotonic() - self.beat > self.settings.engine_stall_s:
             log.error("engine process: the driver is stuck in a pass; a new driver takes over")
             self._start_driver()
@@ -157,9 +160,13 @@ class EngineServer:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         try:
+            engines: list[Engine] = []
+            seen = -1
             while not self.halt.is_set():
-                self.beat = clock()
-                engines = [served.engine for served in list(self.registry.served.values())]
+                self.beat = now = clock()
+                if seen != self.adopted:  # an engine came (loading) or was replaced
+                    seen = self.adopted
+                    engines = [served.engine for served in list(self.registry.served.values())]
                 if any(engine.has_work for engine in engines):
                     if socket.get(EVENTS) & POLLIN:  # no system call
                         self._read()
@@ -169,7 +176,7 @@ class EngineServer:
                         self._read()
                 for engine in engines:
                     if not engine.has_work:
-                        engine.last_progress = clock()  # idle is not stalled
+                        engine.last_progress = now  # idle is not stalled
                         continue
                     engine.turn()
                     if self.driver is not me:
