@@ -168,3 +168,14 @@ def test_every_case_runs_against_a_real_server(tmp_path: Path) -> None:
     litserve = results["details"]["litserve"]
     assert litserve["litserve"]["ok"] > 0 and litserve["same_seed_max_abs_gap"] < 1e-4
     json.loads(json.dumps(results))
+
+
+def test_engine_loop_runs_and_reports_both_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import engine_loop
+
+    model = Path(__file__).resolve().parents[2] / "models" / "four-gaussians"
+    sizes = ["--jobs", "4", "--rows", "4", "--steps", "4", "--seconds", "0.05"]
+    engine_loop.main(["--model-dir", str(model), *sizes])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # the header, then one line per run
+    assert all("served field:" in line and "instant field:" in line for line in lines[1:])
