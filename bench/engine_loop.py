@@ -96,8 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fused-min-rows", type=int, default=128)
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the service does
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the engine runs passes of fewer than 4,096 rows
-    torch.set_grad_enabled(False)
+    try:
+        with torch.no_grad():
+            run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> None:
     model = load_model(
         args.model_dir, torch.device("cpu"), fused_min_rows=args.fused_min_rows, warmup_passes=2
     )

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -121,6 +122,9 @@ class Job:
     units_left: int = 0
     cancel_reason: str | None = None
     on_cancel: Callable[[str], None] | None = None  # told of cancel() (the engine elsewhere)
+    on_engine_cancel: Callable[[], None] | None = None
+    """Told of cancel() after the reason is set: set by the engine the job was submitted to, so
+    its passes look for cancelled jobs only when there is one."""
     on_done: Callable[[JobResult | None, Exception | None], None] | None = None
     """Told of the job's end instead of an awaiting task (`Engine.submit`): (result, None) or
     (None, error), on the engine's thread, or on the thread that gave up on the engine."""
@@ -138,6 +142,8 @@ class Job:
         self.cancel_reason = reason
         if self.on_cancel is not None:
             self.on_cancel(reason)
+        if self.on_engine_cancel is not None:
+            self.on_engine_cancel()
 
 
 @dataclass(frozen=True)
@@ -259,6 +265,11 @@ class Engine:
         self._units: dict[Job, deque[Unit]] = {}
         self._lanes: dict[tuple, Lane] = {}
         self._queued_rows = 0
+        self._cancels = 0
+        """Jobs cancelled so far (`Job.cancel`, from any thread): `_drop_stale` looks at every job
+        only when it moved, or when the earliest deadline has passed."""
+        self._cancels_seen = 0
+        self._next_deadline = math.inf
         self._stopping = False
         self._rotation = itertools.count()
         self._thread = threading.Thread(
@@ -372,6 +383,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue `job`; its end reaches `job.on_done` (or the future `enqueue` gave it). Raises
         the engine's error when it takes no work."""
+        job.on_engine_cancel = self._cancelled
         with self._cond:
             if self.failure is not None:
                 raise self._failed_error()
@@ -379,6 +391,10 @@ class Engine:
                 raise EngineStopped("the service is shutting down")
             self._pending.append(job)
             self._cond.notify()
+
+    def _cancelled(self) -> None:
+        # Any thread. Two at once may count one, but the count moves, which is all that is read.
+        self._cancels += 1
 
     async def run(self, job: Job) -> JobResult:
         """Integrate `job`; cancelling the awaiting task drops the job at the next pass.
@@ -506,14 +522,27 @@ class Engine:
         job.z0 = job.probes = job.condition = None
         self._units[job] = units
         self._jobs.append(job)
+        if job.deadline is not None:
+            self._next_deadline = min(self._next_deadline, job.deadline)
 
     def _drop_stale(self) -> None:
+        """Fail the jobs cancelled or past their deadline. Every job is looked at only when one
+        was cancelled since the last look or the earliest deadline has passed."""
         now = self.clock()
+        cancels = self._cancels
+        if cancels == self._cancels_seen and now <= self._next_deadline:
+            return
+        self._cancels_seen = cancels
+        upcoming = math.inf
         for job in list(self._jobs):
             if job.cancel_reason is not None:
                 self._fail(job, Cancelled(job.cancel_reason), reason=job.cancel_reason)
-            elif job.deadline is not None and now > job.deadline:
-                self._fail(job, DeadlineExceeded("deadline passed"), reason="deadline")
+            elif job.deadline is not None:
+                if now > job.deadline:
+                    self._fail(job, DeadlineExceeded("deadline passed"), reason="deadline")
+                else:
+                    upcoming = min(upcoming, job.deadline)
+        self._next_deadline = upcoming
 
     def _select(self) -> tuple[list[Unit], int | None]:
         """Every unit when all fit in a pass, with their network rows; else a fair share
@@ -529,7 +558,7 @@ class Engine:
         selected, cost = self._select()
         everything = cost is not None
         if everything:  # every unit of every lane: no grouping, and the cost is at hand
-            by_lane = {lane: lane.units for lane in self._lanes.values() if lane.units}
+            by_lane = {lane: list(lane.units) for lane in self._lanes.values() if lane.units}
         else:
             by_lane = {}
             for unit in selected:
@@ -561,15 +590,15 @@ class Engine:
             self._on_pass(rows)
         if self._on_pass_jobs is not None:
             self._on_pass_jobs(jobs)
-        finished = False
+        finished = []
         for unit in selected:
             unit.done += 1
-            if unit.done >= unit.next_event:
-                finished |= self._at_event(unit)
+            if unit.done >= unit.next_event and self._at_event(unit) and not unit.job.units_left:
+                finished.append(unit.job)
         if finished:
             for lane in self._lanes.values():
                 lane.compact()
-            for job in [job for job in self._jobs if job.units_left == 0]:
+            for job in finished:
                 self._finish(job)
 
     def _advance_lane(self, lane: Lane, units: list[Unit]) -> int:
@@ -710,7 +739,7 @@ class Engine:
             unit.next_event = _next_event(unit, job.num_steps)
             return False
         job.final[first:last] = state
-        unit.dead = True
+        lane.remove(unit)
         self._units[job].remove(unit)
         job.units_left -= 1
         return True
@@ -719,7 +748,7 @@ class Engine:
         units = self._units.pop(job, None)
         if units:  # a finished job's units have left their lanes already
             for unit in units:
-                unit.dead = True
+                unit.lane.remove(unit)
             for lane in self._lanes.values():
                 lane.compact()
         if job in self._jobs:

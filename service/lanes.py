@@ -140,6 +140,9 @@ class Lane:
         self.state = torch.zeros(0, layout.width, device=device)
         self.rows = 0
         self.units: list[Unit] = []
+        """In the order of their rows (`offset`), holes included until `compact`."""
+        self._holes = 0
+        """Units that left without their rows being taken (`remove`): `compact` drops them."""
         self._full: torch.Tensor | None = None
         self._full_columns: tuple[torch.Tensor, ...] = ()
 
@@ -182,12 +185,34 @@ class Lane:
         self.rows = needed
         self.units.append(unit)
 
-    def compact(self) -> None:
-        """Drop the rows of finished or cancelled units, keeping the others in order."""
-        alive = [u for u in self.units if not u.dead]
-        if len(alive) == len(self.units):
+    def remove(self, unit: Unit) -> None:
+        """`unit` leaves the lane (it finished, or its job failed). When the lane's last unit has
+        as many rows, those rows move into its place (one copy of a unit's rows: under steady
+        load of same-sized requests, the usual case); else its rows stay, a hole, until
+        `compact`, which also runs once holes are left."""
+        unit.dead = True
+        last = self.units[-1]
+        if self._holes or (last is not unit and last.rows != unit.rows):
+            self._holes += 1
             return
         self._full = None
+        if last is not unit:
+            end = last.offset + last.rows
+            self.state[unit.offset : unit.offset + unit.rows] = self.state[last.offset : end]
+            last.offset = unit.offset
+            self.units[self.units.index(unit)] = last
+        self.units.pop()
+        self.rows -= unit.rows
+        self._shrink()
+
+    def compact(self) -> None:
+        """Drop the rows of the units that left as holes (`remove`), keeping the others in
+        order."""
+        if not self._holes:
+            return
+        alive = [u for u in self.units if not u.dead]
+        self._full = None
+        self._holes = 0
         starts, ends = _runs(alive)
         if len(starts) > MOVES:
             kept = self.state.index_select(0, _index(starts, ends, self.device))
@@ -207,6 +232,10 @@ class Lane:
             offset += unit.rows
         self.rows = offset
         self.units = alive
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Let go of most of a state tensor that is four times larger than the rows it holds."""
         if self.state.shape[0] > 64 and self.rows < self.state.shape[0] // 4:
             self.state = self.state[: max(self.rows * 2, 64)].clone()
 

@@ -175,7 +175,9 @@ def test_engine_loop_runs_and_reports_both_fields(capsys: pytest.CaptureFixture[
 
     model = Path(__file__).resolve().parents[2] / "models" / "four-gaussians"
     sizes = ["--jobs", "4", "--rows", "4", "--steps", "4", "--seconds", "0.05"]
+    threads = torch.get_num_threads()
     engine_loop.main(["--model-dir", str(model), *sizes])
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads  # left as it found them
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4  # the header, then one line per run
     assert all("served field:" in line and "instant field:" in line for line in lines[1:])

@@ -428,17 +428,18 @@ async def test_fields_that_ignore_x_have_zero_divergence(module, shift) -> None:
     assert torch.equal(result.final[:, DIM], torch.zeros(5))
 
 
+@pytest.mark.parametrize("sizes", [[3, 16, 1, 7, 16, 2, 5, 9], [4] * 8], ids=["mixed", "equal"])
 @pytest.mark.parametrize(
     "dead",
     [(0,), (3,), (7,), (2, 3), (1, 4, 6), (0, 2, 4, 6), (1, 2, 3, 4, 5, 6), tuple(range(8))],
     ids=lambda dead: "dead-" + "-".join(map(str, dead)),
 )
-def test_compaction_keeps_every_live_units_rows_in_order(dead: tuple[int, ...]) -> None:
-    # Units of different sizes, so runs move by less than their length (overlapping copies)
-    # and by more; many holes take the gathering path.
+def test_units_that_leave_take_their_rows_and_no_other(sizes: list[int], dead: tuple) -> None:
+    # Mixed sizes leave holes that compaction closes (runs that move by less than their length,
+    # and by more; many holes take the gathering path); equal sizes have the lane's last unit
+    # move into the place of the one that left.
     layout = Layout.build(DIM, 1)
     lane = Lane(get_solver("euler"), layout, torch.device("cpu"), lambda t, y, b: y)
-    sizes = [3, 16, 1, 7, 16, 2, 5, 9]
     units, blocks = [], []
     for i, rows in enumerate(sizes):
         unit = Unit(job=None, lane=lane, job_start=0, rows=rows)  # type: ignore[arg-type]
@@ -447,13 +448,18 @@ def test_compaction_keeps_every_live_units_rows_in_order(dead: tuple[int, ...]) 
         units.append(unit)
         blocks.append(lane.state[unit.offset : unit.offset + rows].clone())
     for i in dead:
-        units[i].dead = True
+        lane.remove(units[i])
     lane.compact()
-    alive = [i for i in range(len(sizes)) if i not in dead]
-    assert lane.units == [units[i] for i in alive]
-    assert lane.rows == sum(sizes[i] for i in alive)
-    expected = torch.cat([blocks[i] for i in alive]) if alive else blocks[0][:0]
-    assert torch.equal(lane.full(), expected)
-    for i in alive:
-        unit = units[i]
-        assert torch.equal(lane.state[unit.offset : unit.offset + unit.rows], blocks[i])
+    alive = [units[i] for i in range(len(sizes)) if i not in dead]
+    assert sorted(lane.units, key=id) == sorted(alive, key=id)
+    assert lane.rows == sum(unit.rows for unit in alive)
+    at = 0
+    for unit in lane.units:  # in the order of their rows, which tile the lane
+        assert unit.offset == at
+        at += unit.rows
+        assert torch.equal(
+            lane.state[unit.offset : unit.offset + unit.rows], blocks[units.index(unit)]
+        )
+    assert at == lane.rows == lane.full().shape[0]
+    if sizes[0] == sizes[-1] and dead == (3,):  # the last unit moved into the place of unit 3
+        assert units[-1].offset == 3 * sizes[0] and lane.units[3] is units[-1]
