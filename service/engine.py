@@ -558,6 +558,7 @@ class Engine:
         selected, cost = self._select()
         everything = cost is not None
         if everything:  # every unit of every lane: no grouping, and the cost is at hand
+            # Copies: a job that fails alone in `_advance_alone` leaves its lane mid-pass.
             by_lane = {lane: list(lane.units) for lane in self._lanes.values() if lane.units}
         else:
             by_lane = {}

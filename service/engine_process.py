@@ -43,9 +43,6 @@ from service.settings import Settings
 log = logging.getLogger("flowserve.engine_process")
 
 
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-"""Plain ints: pyzmq's enum members cost an enum construction per use, once per pass here."""
-
 IDLE_POLL_MS = 20
 """How long the driver waits on its socket when no engine has work: the longest a job queued
 from elsewhere (the watchdog's probe of a restarted engine) waits to be seen."""
@@ -168,7 +165,7 @@ class EngineServer:
                     seen = self.adopted
                     engines = [served.engine for served in list(self.registry.served.values())]
                 if any(engine.has_work for engine in engines):
-                    if socket.get(EVENTS) & POLLIN:  # no system call
+                    if ipc.readable(socket):
                         self._read()
                 else:
                     metrics.flush()  # idle: the last passes' figures reach /metrics now

@@ -48,7 +48,7 @@ class Channel:
 
     def _drain(self) -> None:
         socket = self.socket
-        while not socket.closed and socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not socket.closed and readable(socket):
             frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 self.on_message(frames)
@@ -60,13 +60,22 @@ class Channel:
         if self.socket.closed:
             return
         self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if readable(self.socket):
             self.loop.call_soon(self._drain)
 
     def close(self) -> None:
         if not self.socket.closed:
             self.loop.remove_reader(self.fd)
             self.socket.close(linger=0)
+
+
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def readable(socket: zmq.Socket) -> bool:
+    """Whether a message waits on `socket`, without a system call. Plain ints for the option
+    and the flag: pyzmq's enum members cost an enum construction per use."""
+    return bool(socket.get(_EVENTS) & _POLLIN)
 
 
 def control_address(address: str) -> str:

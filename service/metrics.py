@@ -108,11 +108,11 @@ class Metrics:
             registry=r,
         )
 
-        self._tallies: dict[tuple[str, tuple[str, ...]], Tally] = {}
+        self._tallies: dict[tuple[Histogram, tuple[str, ...]], Tally] = {}
 
     def tally(self, histogram: Histogram, *labels: str) -> Tally:
         """The `Tally` of one labelled child of `histogram` (one per child, made once)."""
-        key = (histogram._name, labels)
+        key = (histogram, labels)
         tally = self._tallies.get(key)
         if tally is None:
             tally = self._tallies[key] = Tally(histogram.labels(*labels))

@@ -120,9 +120,9 @@ class GaussianMixture:
         With diagonal covariances L_k z is z * diag(L_k), the same numbers in fewer operations
         (each product is rounded once either way, the other terms are exact zeros): the engine
         draws the start points of every seeded request on its own thread."""
-        placed = self._placed.get(torch.device(device))
+        device = torch.device(device)
+        placed = self._placed.get(device)
         if placed is None:
-            device = torch.device(device)
             placed = self._placed[device] = _Placed(
                 self.weights.to(device),
                 self.means.to(device),
@@ -130,9 +130,7 @@ class GaussianMixture:
                 None if self.scale is None else self.scale.to(device),
             )
         component = torch.multinomial(placed.weights, n, replacement=True, generator=generator)
-        noise = torch.randn(
-            n, self.dim, generator=generator, device=placed.means.device, dtype=torch.float64
-        )
+        noise = torch.randn(n, self.dim, generator=generator, device=device, dtype=torch.float64)
         if placed.scale is None:
             points = (placed.chol[component] @ noise.unsqueeze(-1)).squeeze(-1)
         elif self.num_components == 1:  # the common source: no per-row lookups
